@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """The plain ``nn.Embedding`` table: no settings."""
+
+
+class DenseEmbedding(nn.Embedding):
+    """``nn.Embedding`` (same parameters, same state_dict) with the methods every
+    compemb layer has: ``materialize``, ``logits``, ``from_dense``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: Optional[int] = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+
+    def materialize(self) -> Tensor:
+        """The ``[V, J]`` table."""
+        return self.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., J] -> [..., V]``."""
+        return F.linear(hidden, self.weight)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, padding_idx: Optional[int] = None) -> "DenseEmbedding":
+        layer = cls(weight.shape[0], weight.shape[1], padding_idx=padding_idx)
+        layer.weight.data.copy_(weight)
+        return layer
