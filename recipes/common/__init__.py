@@ -1,0 +1,1 @@
+"""Shared pieces of the recipes: data from packages, vocabularies, results files."""

@@ -1,0 +1,158 @@
+"""LSTM language model on PTB with compressed embedding and softmax (DPQ paper's LM table;
+the README demo runs a short version of it).
+
+    accelerate launch -m recipes.lstm_lm --method tt --rank 16 --scale small --out runs/lstm_tt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import compemb
+
+from .common.ptb import Vocab, load_ptb_text
+from .models.lstm_lm import LSTMLanguageModel
+
+SCALES = {
+    # embedding_dim, hidden, layers, dropout, batch, bptt, epochs (fractional: a budget), lr
+    "smoke": dict(dim=64, hidden=64, layers=1, dropout=0.0, batch=16, bptt=20, epochs=0.02, lr=3e-3),
+    "small": dict(dim=200, hidden=200, layers=2, dropout=0.2, batch=20, bptt=35, epochs=6, lr=2e-3),
+    "paper": dict(dim=650, hidden=650, layers=2, dropout=0.5, batch=20, bptt=35, epochs=39, lr=1e-3),
+}
+
+
+def spec_from_args(args: argparse.Namespace) -> compemb.EmbeddingSpec:
+    """The embedding spec named on the command line (--method and its settings)."""
+    names = compemb.get_method(args.method).field_names()
+    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return compemb.EmbeddingSpec(args.method, options)
+
+
+def batchify(ids: List[int], batch: int) -> Tensor:
+    """``[N] -> [batch, N // batch]`` contiguous streams, as in the usual PTB setup."""
+    n = len(ids) // batch
+    return torch.tensor(ids[: n * batch], dtype=torch.long).view(batch, n)
+
+
+@torch.no_grad()
+def perplexity(model: LSTMLanguageModel, data: Tensor, bptt: int) -> float:
+    """Perplexity over ``data [B, N]``, carrying the LSTM state across segments."""
+    model.eval()
+    total, count, state = 0.0, 0, None
+    for i in range(0, data.size(1) - 1, bptt):
+        x = data[:, i: i + bptt]
+        y = data[:, i + 1: i + 1 + bptt]
+        x = x[:, : y.size(1)]
+        logits, state = model(x, state)
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                 reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return math.exp(total / count)
+
+
+def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: Optional[int] = None,
+          seed: int = 0, log_every: int = 100, progress: bool = True) -> Dict:
+    """Train on PTB train, report valid/test perplexity. Returns the results dict."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    text = load_ptb_text()
+    vocab = Vocab(text["train"])
+    accelerator = Accelerator()
+    model = LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
+                              output=output, dropout=scale["dropout"])
+    report = compemb.compression_report(model)
+    train_data = batchify(vocab.encode(text["train"]), scale["batch"])
+    bptt = scale["bptt"]
+    steps_per_epoch = (train_data.size(1) - 1) // bptt
+    total_steps = max_steps or max(1, int(scale["epochs"] * steps_per_epoch))
+    optimizer = torch.optim.Adam(model.parameters(), lr=scale["lr"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = time.time()
+    state, step, pos = None, 0, 0
+    bar = tqdm(total=total_steps, disable=not progress or not accelerator.is_main_process,
+               desc=f"{spec.method}/{output}")
+    while step < total_steps:
+        if pos + bptt + 1 > train_data.size(1):
+            pos, state = 0, None
+        x = train_data[:, pos: pos + bptt].to(accelerator.device)
+        y = train_data[:, pos + 1: pos + 1 + bptt].to(accelerator.device)
+        pos += bptt
+        if state is not None:
+            state = tuple(s.detach() for s in state)
+        logits, state = model(x, state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(loss.item(), 20)):.1f}")
+    bar.close()
+    train_time = time.time() - start
+    model = accelerator.unwrap_model(model)
+    valid = perplexity(model, batchify(vocab.encode(text["valid"]), 10), bptt)
+    test = perplexity(model, batchify(vocab.encode(text["test"]), 10), bptt)
+    return {
+        "task": "ptb-lm-lstm", "method": spec.method, "settings": spec.to_dict(), "output": output,
+        "embedding_ratio": report.embedding_ratio,
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "report": report.to_dict(), "metric": "test_ppl", "value": test, "valid_ppl": valid,
+        "steps": total_steps, "wall_time_s": train_time,
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "model": model, "report_obj": report,
+    }
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="dense", choices=compemb.available_methods())
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--num-factors", dest="num_factors", type=int)
+    parser.add_argument("--num-codes", dest="num_codes", type=int)
+    parser.add_argument("--num-groups", dest="num_groups", type=int)
+    parser.add_argument("--variant", choices=["sx", "vq"])
+    parser.add_argument("--shared-subspace", dest="shared_subspace", action="store_true", default=None)
+    parser.add_argument("--config", type=Path, help="a JSON embedding spec instead of the flags above")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_method_args(parser)
+    parser.add_argument("--output", default="tied", choices=["tied", "untied", "dense"])
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        spec = (compemb.EmbeddingSpec.from_json(args.config.read_text()) if args.config
+                else spec_from_args(args))
+        compemb.build_embedding(spec, 10000, SCALES[args.scale]["dim"])  # fail before training
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = train(spec, args.output, SCALES[args.scale], max_steps=args.max_steps)
+    model, report = result.pop("model"), result.pop("report_obj")
+    print(report)
+    print(f"valid ppl {result['valid_ppl']:.2f}  test ppl {result['value']:.2f}")
+    torch.save(model.state_dict(), args.out / "model.pt")
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
