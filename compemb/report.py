@@ -83,6 +83,9 @@ class CompressionReport:
 
     @property
     def embedding_ratio(self) -> float:
+        """Dense / stored bytes over the compressed layers (1.0 when there are none)."""
+        if not self.rows:
+            return 1.0
         return self.embedding_dense_bytes / max(self.embedding_stored_bytes, 1)
 
     @property

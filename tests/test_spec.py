@@ -1,0 +1,98 @@
+"""The registry, the declarative spec and the factory."""
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import compemb
+from compemb.registry import get_method, register_method
+
+
+def test_dense_spec_builds_an_embedding_equivalent_to_nn_embedding():
+    spec = compemb.EmbeddingSpec("dense")
+    layer = compemb.build_embedding(spec, 11, 6, padding_idx=2)
+    assert isinstance(layer, nn.Embedding)
+    assert layer.weight.shape == (11, 6) and layer.padding_idx == 2
+    ids = torch.tensor([[0, 2, 10]])
+    assert torch.equal(layer(ids), layer.weight[ids])
+    h = torch.randn(3, 6)
+    torch.testing.assert_close(layer.logits(h), h @ layer.weight.T)
+
+
+def test_compress_embedding_from_dense_copies_the_table():
+    w = torch.randn(7, 4)
+    layer = compemb.compress_embedding(compemb.EmbeddingSpec("dense"), w)
+    assert torch.equal(layer.materialize(), w)
+    # the copy is independent of the source tensor
+    w.add_(1.0)
+    assert not torch.equal(layer.materialize(), w)
+
+
+def test_spec_json_round_trip_and_flat_dict():
+    spec = compemb.EmbeddingSpec.from_dict({"method": "dense"})
+    assert spec.to_dict() == {"method": "dense"}
+    again = compemb.EmbeddingSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(spec.to_json()) == {"method": "dense"}
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown method 'ttt'.*available methods: \[.*'dense'"):
+        compemb.EmbeddingSpec("ttt")
+
+
+def test_unknown_option_names_the_option_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank'\] for method 'dense'"):
+        compemb.EmbeddingSpec("dense", {"rank": 4})
+
+
+def test_spec_without_method_key():
+    with pytest.raises(ValueError, match="needs a 'method' key"):
+        compemb.EmbeddingSpec.from_dict({"rank": 4})
+
+
+def test_compress_embedding_rejects_a_non_table():
+    with pytest.raises(ValueError, match=r"weight must be a \[num_embeddings, embedding_dim\] tensor"):
+        compemb.compress_embedding(compemb.EmbeddingSpec("dense"), torch.randn(3))
+
+
+@dataclass(frozen=True)
+class _ScaledConfig:
+    """A test method: a dense table times a fixed factor."""
+
+    factor: float = 2.0
+
+    def __post_init__(self):
+        if self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+
+
+class _ScaledEmbedding(nn.Embedding):
+    def __init__(self, num_embeddings, embedding_dim, factor=2.0, padding_idx=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.factor = factor
+
+    def forward(self, ids):
+        return super().forward(ids) * self.factor
+
+
+def test_a_registered_method_is_reachable_through_spec_and_factory():
+    register_method("test-scaled", config_cls=_ScaledConfig, layer_cls=_ScaledEmbedding)
+    assert "test-scaled" in compemb.available_methods()
+    spec = compemb.EmbeddingSpec.from_dict({"method": "test-scaled", "factor": 3.0})
+    assert spec.to_dict() == {"method": "test-scaled", "factor": 3.0}
+    layer = compemb.build_embedding(spec, 5, 2)
+    assert isinstance(layer, _ScaledEmbedding) and layer.factor == 3.0
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        compemb.EmbeddingSpec("test-scaled", {"factor": -1.0})
+    # registering the same name again with other classes is refused
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("test-scaled", config_cls=_ScaledConfig, layer_cls=nn.Embedding)
+    assert get_method("test-scaled").layer_cls is _ScaledEmbedding
+
+
+def test_register_method_needs_a_dataclass_config():
+    with pytest.raises(TypeError, match="must be a dataclass"):
+        register_method("test-bad", config_cls=dict, layer_cls=nn.Embedding)
