@@ -6,6 +6,7 @@ from . import dense  # noqa: F401  (registers the "dense" method)
 from .checks import check_indices
 from .dense import DenseEmbedding
 from .output import OutputLayer
+from .plan import plan
 from .registry import available_methods, get_method, register_method
 from .report import CompressionReport, LayerStorage, compression_report
 from .spec import EmbeddingSpec, build_embedding, compress_embedding
