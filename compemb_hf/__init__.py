@@ -1,0 +1,26 @@
+"""compemb for Hugging Face transformers.
+
+``import compemb_hf`` registers the ``"compemb"`` quantization method with transformers;
+after it, any model compresses its embeddings (and softmax) on load::
+
+    import compemb_hf
+    cfg = compemb_hf.CompressedEmbeddingConfig(method="tt", rank=16)
+    model = AutoModelForMaskedLM.from_pretrained(path, compressed_embedding=cfg)
+    # or: from_pretrained(path, quantization_config=cfg)
+    # or, in memory: compemb_hf.compress(model, cfg)
+    model.save_pretrained(out)           # only the compressed parameters
+    AutoModelForMaskedLM.from_pretrained(out)   # rebuilds them (needs `import compemb_hf`)
+
+A compressed checkpoint does not load without ``import compemb_hf``: transformers raises
+``ValueError: The model's quantization config ... has no `quant_method` attribute``.
+"""
+from .config import CompressedEmbeddingConfig
+from .hooks import install as _install, register_from_pretrained_kwarg
+from .quantizer import CompressedEmbeddingQuantizer
+from .surgery import ScaledEmbedding, compress, compressed_layers, is_compressed
+
+_install()
+
+__all__ = ["CompressedEmbeddingConfig", "CompressedEmbeddingQuantizer", "compress",
+           "compressed_layers", "is_compressed", "ScaledEmbedding",
+           "register_from_pretrained_kwarg"]

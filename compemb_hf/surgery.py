@@ -1,0 +1,448 @@
+"""Model surgery: replace a transformers model's embeddings (and LM head) by compemb layers.
+
+Everything is planned and built first and swapped in at the end, so a failure (bad
+module name, ranks the table cannot take, ...) leaves the model as it was.
+
+Models with their own structure (the Transformer-XL of ``compemb_hf.transfo_xl``, with
+adaptive inputs and softmax) define ``model.apply_compressed_embedding(config, *,
+from_weights)``; :func:`compress` hands the whole surgery to that hook (see
+:func:`compress`).
+"""
+from __future__ import annotations
+
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from compemb import OutputLayer, build_embedding, compress_embedding
+
+from .config import CompressedEmbeddingConfig
+
+__all__ = ["compress", "apply_surgery", "ScaledEmbedding", "is_compressed", "compressed_layers",
+           "restore_nonpersistent_buffers"]
+
+_STATE_ATTR = "_compemb_state"
+
+
+class ScaledEmbedding(nn.Module):
+    """A compressed table followed by a constant factor, for models whose embedding class
+    scales its output (BART / mBART ``embed_scale``, Gemma ...).
+
+    ``forward(LongTensor[...]) -> [..., embedding_dim]`` = ``embedding(ids) * embed_scale``.
+    """
+
+    def __init__(self, embedding: nn.Module, embed_scale: float) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.embed_scale = float(embed_scale)
+        self.num_embeddings = embedding.num_embeddings
+        self.embedding_dim = embedding.embedding_dim
+        self.padding_idx = getattr(embedding, "padding_idx", None)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.embedding(input_ids) * self.embed_scale
+
+    def extra_repr(self) -> str:
+        return f"embed_scale={self.embed_scale}"
+
+
+@dataclass
+class _Group:
+    """One dense table and every place in the model that uses it."""
+
+    weight: nn.Parameter
+    paths: List[str]  # module paths holding an nn.Embedding with this weight
+    canonical: str  # the path whose parameters are stored (the tying source)
+    modules: Dict[str, nn.Module] = field(default_factory=dict)  # path -> original module
+    layer: Optional[nn.Module] = None  # the new compressed layer
+
+
+@dataclass
+class _Plan:
+    groups: List[_Group]
+    head_paths: List[str]
+    head: Optional[nn.Module]
+    output: str  # "tied" | "untied" | "dense" | "none"
+
+
+def _module_paths(model: nn.Module, target: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is target]
+
+
+def _embedding_names(model: nn.Module) -> List[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+
+
+def _old_tied_sources(model: nn.Module) -> Set[str]:
+    return set((getattr(model, "all_tied_weights_keys", None) or {}).values())
+
+
+def _tied_names(model: nn.Module, name: str) -> Set[str]:
+    """Every parameter name tied to ``name`` by the model's tying map (transitively).
+    Inside ``from_pretrained`` the tying is not done yet, so identity is not enough."""
+    mapping = getattr(model, "all_tied_weights_keys", None) or {}
+    found, frontier = {name}, [name]
+    while frontier:
+        cur = frontier.pop()
+        for k, v in mapping.items():
+            for a, b in ((k, v), (v, k)):
+                if a == cur and b not in found:
+                    found.add(b)
+                    frontier.append(b)
+    return found
+
+
+def _check_embedding(module: nn.Module, path: str) -> None:
+    if is_compressed_module(module):
+        raise ValueError(f"{path} is already compressed ({type(module).__name__}); compress a "
+                         f"model with dense embeddings")
+    if not isinstance(module, nn.Embedding):
+        raise ValueError(f"modules: {path!r} is a {type(module).__name__}, not an nn.Embedding; "
+                         f"name the model's embedding modules")
+    overrides_forward = type(module).forward is not nn.Embedding.forward
+    if overrides_forward and not hasattr(module, "embed_scale"):
+        raise ValueError(
+            f"{path} is a {type(module).__name__} with its own forward(), which compemb cannot "
+            f"reproduce; supported are nn.Embedding and scaled embeddings (with embed_scale). "
+            f"Give this model type an apply_compressed_embedding(config, from_weights=...) hook")
+    if module.max_norm is not None:
+        raise ValueError(f"{path} uses max_norm={module.max_norm}, which compressed tables do not "
+                         f"support")
+
+
+def plan_surgery(model: nn.Module, config: CompressedEmbeddingConfig) -> _Plan:
+    """Find what to replace (no change to the model). ``ValueError`` for bad input."""
+    if not isinstance(config, CompressedEmbeddingConfig):
+        raise ValueError(f"config must be a compemb_hf.CompressedEmbeddingConfig, got "
+                         f"{type(config).__name__}")
+    if config.modules is None:
+        try:
+            inp = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            inp = None
+        if inp is None:
+            raise ValueError(
+                f"{type(model).__name__} has no input embedding (get_input_embeddings() gives "
+                f"none); name the nn.Embedding modules to compress with "
+                f"CompressedEmbeddingConfig(modules=[...]) (embeddings in this model: "
+                f"{_embedding_names(model)})")
+        paths = _module_paths(model, inp)
+        if not paths:
+            raise ValueError(f"the input embedding of {type(model).__name__} is not a "
+                             f"sub-module of it")
+        targets = [(paths[0], inp)]
+    else:
+        targets = []
+        for name in config.modules:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"modules: {name!r} is not a module of {type(model).__name__}; its embedding "
+                    f"modules are {_embedding_names(model)}") from None
+            targets.append((name, module))
+    groups: List[_Group] = []
+    sources = _old_tied_sources(model)
+    for path, module in targets:
+        _check_embedding(module, path)
+        if any(g.weight is module.weight for g in groups):
+            continue  # the same shared table named twice
+        paths, modules = [], {}
+        tied_to = _tied_names(model, path + ".weight")
+        for name, m in model.named_modules(remove_duplicate=False):
+            if not isinstance(m, nn.Embedding):
+                continue
+            if m.weight is module.weight or name + ".weight" in tied_to:
+                _check_embedding(m, name)
+                paths.append(name)
+                modules[name] = m
+        canonical = next((p for p in paths if p + ".weight" in sources), paths[0])
+        groups.append(_Group(weight=module.weight, paths=paths, canonical=canonical,
+                             modules=modules))
+
+    try:
+        head = model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        head = None
+    if head is None or config.output == "dense" or not isinstance(getattr(head, "weight", None),
+                                                                  Tensor):
+        if config.output in ("tied", "untied") and head is None:
+            raise ValueError(f"output={config.output!r} but {type(model).__name__} has no LM head "
+                             f"(get_output_embeddings() gives none); use output=None or 'dense'")
+        return _Plan(groups, [], None, "dense" if head is not None else "none")
+    head_paths = _module_paths(model, head)
+    head_tied = set().union(*(_tied_names(model, p + ".weight") for p in head_paths))
+    tied_group = next((g for g in groups if g.weight is head.weight
+                       or any(p + ".weight" in head_tied for p in g.paths)), None)
+    output = config.output or ("tied" if tied_group is not None else "untied")
+    if output == "tied":
+        if tied_group is None or tied_group is not groups[0]:
+            raise ValueError(
+                f"output='tied' but the LM head of {type(model).__name__} ({head_paths[0]}) is not "
+                f"tied to the compressed input embedding (tie_word_embeddings="
+                f"{getattr(model.config, 'tie_word_embeddings', None)}); use output='untied' to "
+                f"give it its own compressed table, or 'dense'")
+    if tuple(head.weight.shape) != (groups[0].weight.shape[0], groups[0].weight.shape[1]):
+        if output == "tied":
+            raise ValueError(f"the LM head {head_paths[0]} has shape {tuple(head.weight.shape)}, "
+                             f"the input embedding {tuple(groups[0].weight.shape)}")
+    return _Plan(groups, head_paths, head, output)
+
+
+def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx: Optional[int],
+                 from_weights: bool) -> nn.Module:
+    spec = config.spec
+    if from_weights and config.init != "random":
+        if weight.device.type == "meta":
+            raise ValueError("init='pretrained' needs the loaded dense weights, but the model is "
+                             "on the meta device; load it first or use init='random'")
+        layer = compress_embedding(spec, weight.detach().float(), padding_idx=padding_idx)
+    else:
+        layer = build_embedding(spec, int(weight.shape[0]), int(weight.shape[1]),
+                                padding_idx=padding_idx)
+    if weight.device.type != "meta":  # on meta (inside from_pretrained) it stays there
+        layer = layer.to(weight.device)
+    if weight.dtype != torch.float32 and weight.is_floating_point():
+        for p in layer.parameters():  # keep the model's float dtype (bf16 / fp16 checkpoints)
+            if p.is_floating_point():
+                p.data = p.data.to(weight.dtype)
+    return layer
+
+
+def _replacement(group: _Group, path: str) -> nn.Module:
+    original = group.modules[path]
+    scale = getattr(original, "embed_scale", None)
+    if scale is not None:
+        scale = float(scale)
+        if scale != 1.0:
+            return ScaledEmbedding(group.layer, scale)
+    return group.layer
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, name, module)
+
+
+def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_weights: bool,
+                  progress: bool = False) -> Dict[str, nn.Module]:
+    """Replace the embeddings and head planned from ``config``; returns ``{path: layer}`` of
+    the new compressed tables. ``from_weights``: initialise from the current dense tables
+    (``config.init`` permitting); otherwise the layers are fresh (their values are about to
+    be loaded from a compressed checkpoint)."""
+    hook = getattr(model, "apply_compressed_embedding", None)
+    if callable(hook):
+        # model types with their own structure (compemb_hf.transfo_xl) do their own surgery
+        result = hook(config, from_weights=from_weights)
+        _install_guards(model)
+        return dict(result or {})
+    plan = plan_surgery(model, config)
+    if config.output is None and plan.output in ("tied", "untied"):
+        config.output = plan.output  # recorded, so that a saved checkpoint rebuilds the same
+    tables = [(g, g.canonical, g.weight, g.modules[g.canonical].padding_idx) for g in plan.groups]
+    untied_head = plan.output == "untied"
+    if untied_head:
+        tables.append((None, plan.head_paths[0], plan.head.weight, None))
+    iterator = tables
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(tables, desc=f"compressing ({config.method})", unit="table")
+    built: List[nn.Module] = []
+    for _, path, weight, padding_idx in iterator:  # build everything before changing anything
+        built.append(_build_table(config, weight, padding_idx, from_weights))
+    for (group, _, _, _), layer in zip(tables, built):
+        if group is not None:
+            group.layer = layer
+    head_module = None
+    if plan.output in ("tied", "untied"):
+        table = plan.groups[0].layer if plan.output == "tied" else built[-1]
+        head_module = OutputLayer(table, bias=False, tied=plan.output == "tied")
+        bias = getattr(plan.head, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            head_module.bias = bias  # same Parameter: ties such as BERT's decoder.bias survive
+        if plan.head.weight.device.type != "meta":
+            head_module.to(plan.head.weight.device)
+
+    # ---- swap (nothing below raises for valid models) ----
+    old_tied = _collect_tied(model)
+    replaced = [p for g in plan.groups for p in g.paths]
+    for g in plan.groups:
+        for path in g.paths:
+            _set_module(model, path, _replacement(g, path))
+    if head_module is not None:
+        replaced += plan.head_paths
+        for path in plan.head_paths:
+            _set_module(model, path, head_module)
+    _rewrite_tying(model, old_tied, replaced, plan)
+    _install_guards(model)
+    result = {g.canonical: g.layer for g in plan.groups}
+    if untied_head:
+        result[plan.head_paths[0] + ".embedding"] = built[-1]
+    return result
+
+
+# ---------------------------------------------------------------- tying bookkeeping
+def _pretrained_submodels(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    from transformers import PreTrainedModel
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+
+
+def _collect_tied(model: nn.Module) -> Dict[str, Dict[str, str]]:
+    """Every PreTrainedModel sub-module's own (expanded) tying, before the swap."""
+    out = {}
+    for name, sub in _pretrained_submodels(model):
+        try:
+            out[name] = dict(sub.get_expanded_tied_weights_keys(all_submodels=False))
+        except Exception:  # noqa: BLE001  (a mapping naming modules that are gone)
+            out[name] = dict(getattr(sub, "all_tied_weights_keys", None) or {})
+    return out
+
+
+def _rewrite_tying(model: nn.Module, old_tied: Dict[str, Dict[str, str]], replaced: List[str],
+                   plan: _Plan) -> None:
+    """Keep transformers' tying consistent with the new modules.
+
+    * entries naming replaced dense weights are dropped from every sub-model;
+    * each compressed table shared by several paths gets ``{alias.param: canonical.param}``
+      entries (parameters only) on the top model: ``tie_weights()`` finds them, saving
+      drops the aliases, loading marks them as present;
+    * persistent buffers of aliases (DPQ codes ...) are skipped on save and not reported
+      missing on load.
+    """
+    new_entries: Dict[str, str] = {}
+    alias_buffers: List[str] = []
+    for g in plan.groups:
+        layer = g.layer
+        params = [n for n, _ in layer.named_parameters()]
+        buffers = [n for n, _ in layer.named_buffers() if _is_persistent(layer, n)]
+        canon = _layer_path(model, g.canonical, layer)
+        for path in g.paths:
+            alias = _layer_path(model, path, layer)
+            if alias == canon:
+                continue
+            for n in params:
+                new_entries[f"{alias}.{n}"] = f"{canon}.{n}"
+            alias_buffers += [f"{alias}.{n}" for n in buffers]
+    for name, sub in _pretrained_submodels(model):
+        # entries whose tensors still exist (e.g. BERT's decoder.bias -> predictions.bias)
+        names = {n for n, _ in sub.named_parameters(remove_duplicate=False)}
+        kept = {k: v for k, v in old_tied.get(name, {}).items() if k in names and v in names}
+        if name == "":
+            kept.update(new_entries)
+            sub._tied_weights_keys = {_exact(k): _exact(v) for k, v in kept.items()}
+        else:
+            sub._tied_weights_keys = {_exact(k): _exact(v) for k, v in kept.items()} or None
+        sub.all_tied_weights_keys = dict(kept)
+    # the top model's expanded mapping covers the sub-models, as post_init builds it
+    top_all = {}
+    for name, sub in _pretrained_submodels(model):
+        prefix = name + "." if name else ""
+        top_all.update({prefix + k: prefix + v for k, v in sub.all_tied_weights_keys.items()})
+    model.all_tied_weights_keys = top_all
+    ignore_save = set(getattr(model, "_keys_to_ignore_on_save", None) or set())
+    ignore_missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or set())
+    ignore_save.update(alias_buffers)
+    ignore_missing.update(_exact(b) for b in alias_buffers)
+    model._keys_to_ignore_on_save = ignore_save
+    model._keys_to_ignore_on_load_missing = ignore_missing
+
+
+def _exact(name: str) -> str:
+    return re.escape(name) + "$"
+
+
+def _layer_path(model: nn.Module, path: str, layer: nn.Module) -> str:
+    module = model.get_submodule(path)
+    return path if module is layer else path + ".embedding"
+
+
+def _is_persistent(module: nn.Module, buffer_name: str) -> bool:
+    owner_name, _, leaf = buffer_name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf not in owner._non_persistent_buffers_set
+
+
+# ---------------------------------------------------------------- after loading
+def restore_nonpersistent_buffers(model: nn.Module, config: CompressedEmbeddingConfig) -> None:
+    """Modules created on the meta device while transformers loads a checkpoint get their
+    non-persistent buffers back as uninitialised memory: copy them from a freshly built
+    layer of the same settings (these buffers depend only on the settings)."""
+    spec = config.spec
+    for _, layer in compressed_layers(model).items():
+        ref = None
+        for name, buf in list(layer.named_buffers()):
+            if _is_persistent(layer, name):
+                continue
+            if ref is None:
+                ref = build_embedding(spec, layer.num_embeddings, layer.embedding_dim,
+                                      padding_idx=getattr(layer, "padding_idx", None))
+            owner_name, _, leaf = name.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            value = ref.get_buffer(name).to(device=buf.device if buf.device.type != "meta"
+                                            else "cpu")
+            owner.register_buffer(leaf, value, persistent=False)
+
+
+# ---------------------------------------------------------------- queries and guards
+def is_compressed_module(module: nn.Module) -> bool:
+    return (callable(getattr(module, "materialize", None))
+            and type(module).__module__.startswith("compemb."))
+
+
+def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{path: layer}`` for every distinct compemb layer in ``model`` (first path)."""
+    out, seen = {}, set()
+    for name, m in model.named_modules():
+        if is_compressed_module(m) and id(m) not in seen:
+            seen.add(id(m))
+            out[name] = m
+    return out
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return bool(compressed_layers(model))
+
+
+def _refuse_resize(self, *args: Any, **kwargs: Any):
+    raise ValueError(
+        "resize_token_embeddings cannot resize a compressed embedding: a TT/TR/DPQ table is "
+        "built for a fixed vocabulary. Resize the dense model first and compress it after "
+        "(load it without compressed_embedding/quantization_config, call "
+        "resize_token_embeddings(n), then compemb_hf.compress(model, config)).")
+
+
+def _install_guards(model: nn.Module) -> None:
+    model.resize_token_embeddings = types.MethodType(_refuse_resize, model)
+
+
+def compress(model: nn.Module, config: CompressedEmbeddingConfig, *, progress: bool = False):
+    """Compress the embeddings of a model already in memory (built from a config, or loaded
+    dense), in place, the same surgery as ``from_pretrained(..., compressed_embedding=config)``.
+
+    The model is then marked as compressed for transformers (``model.hf_quantizer``,
+    ``config.quantization_config``), so ``save_pretrained`` writes a compressed checkpoint
+    that ``from_pretrained`` rebuilds. A model type may take over the surgery by defining
+    ``apply_compressed_embedding(config, *, from_weights: bool)`` (it must build before it
+    swaps, and return ``{path: layer}``). Returns ``model``.
+
+    Raises ``ValueError`` (model unchanged) for a model without an input embedding, a
+    module name that does not exist, or settings the table cannot take.
+    """
+    import copy
+
+    from .quantizer import mark_compressed
+
+    config = copy.deepcopy(config)
+    if is_compressed(model):
+        raise ValueError(f"{type(model).__name__} is already compressed; compress a model with "
+                         f"dense embeddings")
+    apply_surgery(model, config, from_weights=True, progress=progress)
+    mark_compressed(model, config)
+    return model
