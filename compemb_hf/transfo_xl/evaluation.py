@@ -1,0 +1,74 @@
+"""Perplexity over a long text, segment by segment with the memories carried over.
+
+Every token but the first is predicted exactly once: segment ``k`` feeds
+``ids[:, k*L : (k+1)*L]`` with the memories of segment ``k - 1`` and scores the next
+tokens ``ids[:, k*L + 1 : (k+1)*L + 1]`` (``L = tgt_len``), as the Transformer-XL
+evaluation does. The attention span of a token is its segment plus ``mem_len`` past
+positions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["segment_nll", "evaluate_perplexity"]
+
+
+def _as_batch(input_ids: Tensor) -> Tensor:
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids must be an integer tensor [length] or [streams, length]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [length] or [streams, length] with length >= 2, "
+                         f"got {tuple(input_ids.shape)}")
+    return input_ids.long()
+
+
+def segment_nll(model, input_ids: Tensor, tgt_len: int) -> Iterator[Tensor]:
+    """Yields, per segment, the negative log-likelihoods ``[streams, len]`` of the
+    tokens it predicts. ``model``: a ``TransfoXLLMHeadModel``."""
+    ids = _as_batch(input_ids).to(next(model.parameters()).device)
+    if not isinstance(tgt_len, int) or tgt_len < 1:
+        raise ValueError(f"tgt_len must be a positive int (the segment length), got {tgt_len!r}")
+    mems = None
+    total = ids.shape[1] - 1
+    for start in range(0, total, tgt_len):
+        end = min(start + tgt_len, total)
+        out = model.transformer(ids[:, start:end], mems=mems)
+        mems = out.mems
+        yield model.token_nll(out.last_hidden_state, ids[:, start + 1:end + 1])
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, input_ids: Tensor, tgt_len: Optional[int] = None,
+                        mem_len: Optional[int] = None) -> Dict[str, float]:
+    """``{"loss": mean NLL (nats), "perplexity": exp(loss), "tokens": count}`` of
+    ``input_ids`` (``[length]`` or ``[streams, length]``: parallel streams, as the
+    batched Transformer-XL evaluation), segment by segment.
+
+    Args:
+        tgt_len: segment length (default ``model.config.tgt_len``).
+        mem_len: memory length for this evaluation (default: the model's); restored after.
+    """
+    tgt_len = tgt_len if tgt_len is not None else model.config.tgt_len
+    if tgt_len is None:
+        raise ValueError("tgt_len is needed: pass tgt_len= or set config.tgt_len")
+    old_mem_len = model.transformer.mem_len
+    was_training = model.training
+    if mem_len is not None:
+        model.reset_memory_length(mem_len)
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for nll in segment_nll(model, input_ids, tgt_len):
+            total += float(nll.double().sum())
+            count += nll.numel()
+    finally:
+        model.transformer.mem_len = old_mem_len
+        model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
