@@ -1,0 +1,133 @@
+"""Building the compressed layers of a fairseq model from its flags, and the record of
+those settings that a checkpoint carries.
+
+Shared by every model of the plugin (translation, language model, RoBERTa): each model
+only decides where the layers go.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+import compemb
+
+from .flags import FLAG_TO_OPTION, describe_layer_error, spec_from_args
+
+logger = logging.getLogger("fairseq_plugin")
+
+__all__ = ["build_token_embedding", "build_output_layer", "CompressionRecord",
+           "compression_record", "log_report"]
+
+
+def build_token_embedding(args: Any, num_embeddings: int, embedding_dim: int,
+                          padding_idx: Optional[int], what: str = "embedding") -> nn.Module:
+    """The token embedding the flags describe, for a ``num_embeddings x embedding_dim``
+    table. ``dense`` gets fairseq's own initialisation (normal, std ``dim**-0.5``, zero
+    padding row), so ``--emb-method dense`` trains like the stock model; the other
+    methods keep their own (compemb's) initialisation.
+
+    Raises ``ValueError`` naming the flags when the method cannot compress this table.
+    """
+    spec = spec_from_args(args)
+    try:
+        layer = compemb.build_embedding(spec, num_embeddings, embedding_dim, padding_idx)
+    except ValueError as err:
+        raise describe_layer_error(err, args, what, num_embeddings, embedding_dim) from None
+    if spec.method == "dense":
+        nn.init.normal_(layer.weight, mean=0.0, std=embedding_dim ** -0.5)
+        if padding_idx is not None:
+            nn.init.zeros_(layer.weight[padding_idx])
+    return layer
+
+
+def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embeddings: int,
+                       output_dim: int, bias: bool = False) -> nn.Module:
+    """The output (softmax) layer: ``hidden [..., output_dim] -> logits [..., V]``.
+
+    ``mode`` (see :func:`fairseq_plugin.flags.resolve_softmax`): ``"tied"`` reuses
+    ``embed_tokens`` (its parameters stay registered there only), ``"untied"`` builds a
+    second table of the same method and shape, ``"dense"`` a plain matrix initialised
+    as fairseq does.
+    """
+    if mode == "tied":
+        if embed_tokens.embedding_dim != output_dim:
+            raise ValueError(
+                f"--softmax tied needs the output dimension ({output_dim}) to equal the "
+                f"embedding dimension ({embed_tokens.embedding_dim}); use --softmax untied "
+                f"or make the two dimensions equal")
+        return compemb.OutputLayer(embed_tokens, bias=bias, tied=True)
+    if mode == "untied":
+        table = build_token_embedding(args, num_embeddings, output_dim, None,
+                                      what="output (softmax) table")
+        if isinstance(table, nn.Embedding):
+            nn.init.normal_(table.weight, mean=0.0, std=output_dim ** -0.5)
+        return compemb.OutputLayer(table, bias=bias, tied=False)
+    if mode == "dense":
+        linear = nn.Linear(output_dim, num_embeddings, bias=bias)
+        nn.init.normal_(linear.weight, mean=0.0, std=output_dim ** -0.5)
+        if bias:
+            nn.init.zeros_(linear.bias)
+        return linear
+    raise ValueError(f"--softmax {mode!r} is not a mode; use tied, untied or dense")
+
+
+def compression_record(args: Any, softmax: str) -> Dict[str, Any]:
+    """The settings that decide the compressed parameters' shapes, in flag form
+    (``{"--emb-method": "tt", "--emb-rank": 16, ..., "--softmax": "untied"}``), every
+    option of the method included with its default."""
+    spec = spec_from_args(args)
+    flag_of = {o: "--" + n.replace("_", "-") for n, o in FLAG_TO_OPTION.items()}
+    record: Dict[str, Any] = {"--emb-method": spec.method}
+    for key, value in spec.to_dict().items():
+        if key != "method":
+            record[flag_of.get(key, f"({key})")] = value
+    record["--softmax"] = softmax
+    return record
+
+
+def _as_text(record: Dict[str, Any]) -> str:
+    return " ".join(f"{k} {v}" for k, v in record.items())
+
+
+class CompressionRecord:
+    """Mixin for the plugin's models: the checkpoint records the compression settings
+    (``state_dict()["_extra_state"]``, plain strings and numbers), and loading a
+    checkpoint made with other settings fails with a message naming the flags, before
+    any tensor is copied.
+
+    The model sets ``self.compemb_record = compression_record(args, softmax)``.
+    """
+
+    compemb_record: Dict[str, Any] = {}
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"compemb": dict(self.compemb_record)}
+
+    def set_extra_state(self, state: Any) -> None:
+        saved = state.get("compemb") if isinstance(state, dict) else None
+        if saved is None:
+            raise ValueError("the checkpoint was not written by a fairseq_plugin (compemb) "
+                             "model; it has no record of its compression flags")
+        if _normalise(saved) != _normalise(self.compemb_record):
+            differ = [k for k in sorted(set(saved) | set(self.compemb_record))
+                      if _normalise(saved.get(k)) != _normalise(self.compemb_record.get(k))]
+            raise ValueError(
+                f"the checkpoint was trained with other compression flags ({', '.join(differ)} "
+                f"differ): it has {_as_text(saved)}; this run has "
+                f"{_as_text(self.compemb_record)}. Pass the checkpoint's flags to load it "
+                f"(or train into a fresh --save-dir)")
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def log_report(model: nn.Module) -> None:
+    """Log the model's compression report (printed once, when the model is built)."""
+    logger.info("compemb compression report:\n%s", compemb.compression_report(model))
