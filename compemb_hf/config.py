@@ -27,6 +27,7 @@ QUANT_METHOD = "compemb"
 SERIAL_MARKER = "compemb_version"
 OUTPUTS = ("tied", "untied", "dense")
 INITS = ("pretrained", "random")
+FORMS = ("train", "codebook")
 _LOAD_NOTE = ("compressed by compemb: `import compemb_hf` (pip install 'compemb[hf]') before "
               "from_pretrained; without it transformers cannot rebuild the compressed layers")
 
@@ -48,6 +49,10 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             embedding's compressed table (the head must be tied to it), ``"untied"`` gives
             the head its own compressed table, ``"dense"`` leaves it as it is. ``None``
             (default): ``"tied"`` when the model ties its head, else ``"untied"``.
+        form: ``"train"`` (default): the trainable layer (for DPQ the query table, keys and
+            values); ``"codebook"`` (DPQ only): the exported inference form, codes packed
+            at ``ceil(log2(num_codes))`` bits plus the values (see
+            :func:`compemb_hf.export_codebooks`).
         init: ``"pretrained"`` (default) starts from the loaded dense table (TT-SVD /
             TR-SVD / k-means); ``"random"`` starts from the method's own initialisation.
             Ignored when loading a checkpoint that is already compressed.
@@ -62,7 +67,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                  shared_subspace: Optional[bool] = None, distance_norm: Optional[bool] = None,
                  temperature: Optional[float] = None, modules: Optional[Sequence[str]] = None,
                  output: Optional[str] = None, init: Optional[str] = None,
-                 **options: Any) -> None:
+                 form: str = "train", **options: Any) -> None:
         options.pop("quant_method", None)
         options.pop(SERIAL_MARKER, None)
         options.pop("load_with", None)
@@ -77,6 +82,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         self.modules: Optional[List[str]] = None if modules is None else list(modules)
         self.output = output
         self.init = init
+        self.form = form
         self.post_init()
 
     # -- validation -----------------------------------------------------------------------
@@ -103,6 +109,11 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         if self.output is not None and self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {list(OUTPUTS)} (or None: 'tied' when the "
                              f"model ties its head, else 'untied'), got {self.output!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {self.form!r}")
+        if self.form == "codebook" and self.method != "dpq":
+            raise ValueError(f"form='codebook' is the exported form of method 'dpq', not of "
+                             f"{self.method!r}; use form='train'")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
 
@@ -126,6 +137,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             "modules": None if self.modules is None else list(self.modules),
             "output": self.output,
             "init": self.init,
+            "form": self.form,
         }
 
     def to_diff_dict(self) -> Dict[str, Any]:
@@ -149,7 +161,8 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"CompressedEmbeddingConfig(method={self.method!r}, {fields}, "
-                f"modules={self.modules!r}, output={self.output!r}, init={self.init!r})")
+                f"modules={self.modules!r}, output={self.output!r}, init={self.init!r}, "
+                f"form={self.form!r})")
 
 
 def _import_methods() -> None:

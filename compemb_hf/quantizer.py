@@ -63,7 +63,6 @@ class CompressedEmbeddingQuantizer(HfQuantizer):
         else:
             apply_surgery(model, config, from_weights=True)
             self.pre_quantized = True  # from now on the model holds compressed tables
-        _install_training_hooks(model)
         return model
 
     def is_serializable(self, safe_serialization: Optional[bool] = None) -> bool:
@@ -94,13 +93,6 @@ def mark_compressed(model: nn.Module, config: CompressedEmbeddingConfig) -> None
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     _assign_is_quantized(model)
-    _install_training_hooks(model)
-
-
-def _install_training_hooks(model: nn.Module) -> None:
-    from .training import install_aux_loss_hook
-
-    install_aux_loss_hook(model)
 
 
 def _describe(config: CompressedEmbeddingConfig) -> str:

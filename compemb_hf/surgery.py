@@ -196,6 +196,8 @@ def plan_surgery(model: nn.Module, config: CompressedEmbeddingConfig) -> _Plan:
 def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx: Optional[int],
                  from_weights: bool) -> nn.Module:
     spec = config.spec
+    if config.form == "codebook":
+        return _build_codebook(config, weight, padding_idx, from_weights)
     if from_weights and config.init != "random":
         if weight.device.type == "meta":
             raise ValueError("init='pretrained' needs the loaded dense weights, but the model is "
@@ -211,6 +213,21 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
             if p.is_floating_point():
                 p.data = p.data.to(weight.dtype)
     return layer
+
+
+def _build_codebook(config: CompressedEmbeddingConfig, weight: Tensor,
+                    padding_idx: Optional[int], from_weights: bool) -> nn.Module:
+    from compemb.dpq import CodebookEmbedding
+
+    o = config.options
+    if from_weights:
+        config_train = CompressedEmbeddingConfig(config.method, **o, init=config.init)
+        return _build_table(config_train, weight, padding_idx, True).eval().export()
+    with torch.device("cpu"):  # codes are checked on creation: not on the meta device
+        return CodebookEmbedding.empty(
+            int(weight.shape[0]), int(weight.shape[1]), o["num_codes"], o["num_groups"],
+            shared_subspace=o["shared_subspace"], padding_idx=padding_idx,
+            dtype=weight.dtype if weight.is_floating_point() else torch.float32)
 
 
 def _replacement(group: _Group, path: str) -> nn.Module:
@@ -257,12 +274,14 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
     for _, path, weight, padding_idx in iterator:  # build everything before changing anything
         built.append(_build_table(config, weight, padding_idx, from_weights))
     for (group, _, _, _), layer in zip(tables, built):
+        layer.train(model.training)
         if group is not None:
             group.layer = layer
     head_module = None
     if plan.output in ("tied", "untied"):
         table = plan.groups[0].layer if plan.output == "tied" else built[-1]
         head_module = OutputLayer(table, bias=False, tied=plan.output == "tied")
+        head_module.train(model.training)
         bias = getattr(plan.head, "bias", None)
         if isinstance(bias, nn.Parameter):
             head_module.bias = bias  # same Parameter: ties such as BERT's decoder.bias survive
@@ -271,15 +290,13 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
 
     # ---- swap (nothing below raises for valid models) ----
     old_tied = _collect_tied(model)
-    replaced = [p for g in plan.groups for p in g.paths]
     for g in plan.groups:
         for path in g.paths:
             _set_module(model, path, _replacement(g, path))
     if head_module is not None:
-        replaced += plan.head_paths
         for path in plan.head_paths:
             _set_module(model, path, head_module)
-    _rewrite_tying(model, old_tied, replaced, plan)
+    _rewrite_tying(model, old_tied)
     _install_guards(model)
     result = {g.canonical: g.layer for g in plan.groups}
     if untied_head:
@@ -305,28 +322,31 @@ def _collect_tied(model: nn.Module) -> Dict[str, Dict[str, str]]:
     return out
 
 
-def _rewrite_tying(model: nn.Module, old_tied: Dict[str, Dict[str, str]], replaced: List[str],
-                   plan: _Plan) -> None:
-    """Keep transformers' tying consistent with the new modules.
+def _rewrite_tying(model: nn.Module, old_tied: Dict[str, Dict[str, str]]) -> None:
+    """Keep transformers' tying consistent with the compressed modules now in ``model``.
 
-    * entries naming replaced dense weights are dropped from every sub-model;
-    * each compressed table shared by several paths gets ``{alias.param: canonical.param}``
-      entries (parameters only) on the top model: ``tie_weights()`` finds them, saving
-      drops the aliases, loading marks them as present;
-    * persistent buffers of aliases (DPQ codes ...) are skipped on save and not reported
-      missing on load.
+    * entries of every sub-model whose tensors no longer exist are dropped;
+    * each compressed layer reachable under several paths (shared source/target
+      embeddings, a tied head is not one: it only references the table) gets
+      ``{alias.param: canonical.param}`` entries (parameters only; canonical = first path
+      in module order) on the top model: ``tie_weights()`` finds them, saving drops the
+      aliases, loading marks them as present;
+    * persistent buffers of aliases (DPQ codes ...) are left out of ``state_dict()``.
     """
+    paths: Dict[int, List[str]] = {}
+    layers: Dict[int, nn.Module] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if is_compressed_module(m):
+            paths.setdefault(id(m), []).append(name)
+            layers[id(m)] = m
     new_entries: Dict[str, str] = {}
     alias_buffers: List[str] = []
-    for g in plan.groups:
-        layer = g.layer
+    for key, names in paths.items():
+        layer = layers[key]
         params = [n for n, _ in layer.named_parameters()]
         buffers = [n for n, _ in layer.named_buffers() if _is_persistent(layer, n)]
-        canon = _layer_path(model, g.canonical, layer)
-        for path in g.paths:
-            alias = _layer_path(model, path, layer)
-            if alias == canon:
-                continue
+        canon = names[0]
+        for alias in names[1:]:
             for n in params:
                 new_entries[f"{alias}.{n}"] = f"{canon}.{n}"
             alias_buffers += [f"{alias}.{n}" for n in buffers]
@@ -346,21 +366,23 @@ def _rewrite_tying(model: nn.Module, old_tied: Dict[str, Dict[str, str]], replac
         prefix = name + "." if name else ""
         top_all.update({prefix + k: prefix + v for k, v in sub.all_tied_weights_keys.items()})
     model.all_tied_weights_keys = top_all
-    ignore_save = set(getattr(model, "_keys_to_ignore_on_save", None) or set())
-    ignore_missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or set())
-    ignore_save.update(alias_buffers)
-    ignore_missing.update(_exact(b) for b in alias_buffers)
-    model._keys_to_ignore_on_save = ignore_save
-    model._keys_to_ignore_on_load_missing = ignore_missing
+    model._compemb_alias_buffers = sorted(alias_buffers)
+    if alias_buffers and not getattr(model, "_compemb_state_hook", False):
+        model.register_state_dict_post_hook(_drop_alias_buffers)
+        model._compemb_state_hook = True
+
+
+def _drop_alias_buffers(module: nn.Module, state_dict: Dict[str, Any], prefix: str,
+                        local_metadata: Any) -> None:
+    """``state_dict`` post-hook: a buffer of a table shared under several paths is listed
+    once (buffers cannot be tied like parameters; listing them under every path would
+    have transformers re-create the "missing" aliases over the loaded values)."""
+    for key in getattr(module, "_compemb_alias_buffers", ()):
+        state_dict.pop(prefix + key, None)
 
 
 def _exact(name: str) -> str:
     return re.escape(name) + "$"
-
-
-def _layer_path(model: nn.Module, path: str, layer: nn.Module) -> str:
-    module = model.get_submodule(path)
-    return path if module is layer else path + ".embedding"
 
 
 def _is_persistent(module: nn.Module, buffer_name: str) -> bool:
@@ -418,8 +440,54 @@ def _refuse_resize(self, *args: Any, **kwargs: Any):
         "resize_token_embeddings(n), then compemb_hf.compress(model, config)).")
 
 
+def _tolerant_init_weights(self, module: nn.Module) -> None:
+    """``_init_weights`` of a compressed model: model classes initialise their embeddings
+    by name (T5: ``init.normal_(module.shared.weight)``), and a compressed table has no
+    ``.weight``; such a module keeps the values it has (loaded, or compressed)."""
+    try:
+        type(self)._init_weights(self, module)
+    except AttributeError as err:
+        if "weight" not in str(err) or not any(is_compressed_module(m) for m in module.modules()):
+            raise
+
+
 def _install_guards(model: nn.Module) -> None:
+    from transformers import PreTrainedModel
+
     model.resize_token_embeddings = types.MethodType(_refuse_resize, model)
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            sub._init_weights = types.MethodType(_tolerant_init_weights, sub)
+
+
+def export_codebooks(model: nn.Module) -> nn.Module:
+    """Replace every DPQ layer of a compressed model by its exported inference form
+    (``CodebookEmbedding``: codes packed at ``ceil(log2(num_codes))`` bits, values), in
+    place, with the same outputs as the DPQ layers in eval mode. ``save_pretrained`` then
+    writes only codes and values; the checkpoint reloads in that form. Returns ``model``."""
+    from compemb.dpq import DPQEmbedding
+
+    from .quantizer import mark_compressed
+
+    config = getattr(model.config, "quantization_config", None)
+    if not isinstance(config, CompressedEmbeddingConfig) or config.method != "dpq":
+        raise ValueError("export_codebooks needs a model compressed with method='dpq'")
+    if config.form == "codebook":
+        return model
+    swaps = {id(m): m.export() for m in compressed_layers(model).values()
+             if isinstance(m, DPQEmbedding)}
+    old_tied = _collect_tied(model)
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(m.named_children()):
+            if id(child) in swaps:
+                setattr(m, child_name, swaps[id(child)])
+        tied = getattr(m, "_tied", None)
+        if isinstance(m, OutputLayer) and tied and id(tied[0]) in swaps:
+            m._tied = [swaps[id(tied[0])]]
+    _rewrite_tying(model, old_tied)
+    config = CompressedEmbeddingConfig.from_dict({**config.to_dict(), "form": "codebook"})
+    mark_compressed(model, config)
+    return model
 
 
 def compress(model: nn.Module, config: CompressedEmbeddingConfig, *, progress: bool = False):
@@ -446,3 +514,8 @@ def compress(model: nn.Module, config: CompressedEmbeddingConfig, *, progress: b
     apply_surgery(model, config, from_weights=True, progress=progress)
     mark_compressed(model, config)
     return model
+
+
+# pickling a bound method looks the name up again on the instance
+_refuse_resize.__name__ = "resize_token_embeddings"
+_tolerant_init_weights.__name__ = "_init_weights"
