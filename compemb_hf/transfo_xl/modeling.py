@@ -260,17 +260,16 @@ class TransfoXLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.normal_(module.weight, 1.0, cfg.init_std)
             init.zeros_(module.bias)
-        elif isinstance(module, AdaptiveEmbedding):
-            for p in module.emb_projs:
+        elif isinstance(module, nn.ParameterList):
+            # the only ParameterLists are the projections (emb_projs / out_projs); they are
+            # initialised here because transformers skips modules without direct parameters
+            for p in module:
                 if p is not None:
                     init.normal_(p, 0.0, cfg.proj_init_std)
         elif isinstance(module, ProjectedAdaptiveLogSoftmax):
             if module.n_clusters > 0:
                 self._init_param(module.cluster_weight)
                 init.zeros_(module.cluster_bias)
-            for p in module.out_projs:
-                if p is not None:
-                    init.normal_(p, 0.0, cfg.proj_init_std)
             for layer in module.out_layers:  # bias of a compemb.OutputLayer
                 if not isinstance(layer, nn.Linear) and getattr(layer, "bias", None) is not None:
                     init.zeros_(layer.bias)
