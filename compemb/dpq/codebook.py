@@ -1,0 +1,198 @@
+"""The inference form of a DPQ table: packed codes and the value codebooks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_indices, check_state_shapes
+from ..report import LayerStorage
+from .math import (check_groups, code_bits, codebook_index, codebook_logits, pack_codes,
+                   packed_num_bytes, unpack_codes, unpack_rows)
+
+__all__ = ["CodebookEmbedding", "table_logits"]
+
+
+class CodebookEmbedding(nn.Module):
+    """A ``V x d`` embedding table stored as DPQ codes and values (the exported,
+    inference form of :class:`compemb.dpq.DPQEmbedding`).
+
+    Row ``i`` is ``concat_g values[g, codes[i, g]]`` (``values[0, ...]`` for every group
+    with a shared subspace).
+
+    Args:
+        codes: ``LongTensor [V, D]`` (any integer dtype), each in ``[0, Kc)``.
+        values: ``[D, Kc, d/D]`` (one codebook per group) or ``[1, Kc, d/D]`` /
+            ``[Kc, d/D]`` (one shared by all groups, when ``D > 1``).
+        padding_idx: a row returned as zeros (as in ``nn.Embedding``).
+        num_codes: ``Kc`` when it is larger than ``values.shape[-2]`` would say; default
+            ``values.shape[-2]``.
+
+    State: ``packed_codes`` (``uint8 [ceil(V*D*bits/8)]`` buffer, ``bits =
+    ceil(log2(Kc))``, codes row-major, see :func:`compemb.dpq.math.pack_codes`) and
+    ``values`` (a parameter). Codes are unpacked on the fly, only for the rows looked up.
+    """
+
+    def __init__(self, codes: Tensor, values: Tensor, padding_idx: Optional[int] = None) -> None:
+        super().__init__()
+        if not isinstance(codes, Tensor) or codes.dim() != 2:
+            raise ValueError(f"codes must be an integer tensor [num_embeddings, num_groups], "
+                             f"got {getattr(codes, 'shape', type(codes).__name__)}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor (torch.long), got {codes.dtype}")
+        if not isinstance(values, Tensor) or not values.dtype.is_floating_point:
+            raise ValueError(f"values must be a floating-point tensor [num_groups, num_codes, "
+                             f"embedding_dim // num_groups], got "
+                             f"{getattr(values, 'dtype', type(values).__name__)}")
+        if values.dim() == 2:
+            values = values.unsqueeze(0)
+        num_embeddings, num_groups = codes.shape
+        if values.dim() != 3 or values.shape[0] not in (1, num_groups):
+            raise ValueError(f"values must have shape [num_groups={num_groups}, num_codes, "
+                             f"sub_dim] or [1, num_codes, sub_dim] (shared subspace), got "
+                             f"{tuple(values.shape)}")
+        num_codes = values.shape[1]
+        if num_codes < 2:
+            raise ValueError(f"values must hold num_codes >= 2 codebook rows, got {num_codes}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+            raise ValueError(f"codes must lie in [0, num_codes={num_codes}) (values has "
+                             f"{num_codes} rows per group), got range "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        self._setup(num_embeddings, values.shape[2] * num_groups, num_codes, num_groups,
+                    values.shape[0] == 1 and num_groups > 1, padding_idx)
+        self.register_buffer("packed_codes", pack_codes(codes.to(values.device), self.bits))
+        self.values = nn.Parameter(values.detach().clone())
+
+    def _setup(self, num_embeddings: int, embedding_dim: int, num_codes: int, num_groups: int,
+               shared_subspace: bool, padding_idx: Optional[int]) -> None:
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.num_codes = num_codes
+        self.num_groups = num_groups
+        self.shared_subspace = shared_subspace
+        self.bits = code_bits(num_codes)
+        self.padding_idx = _check_padding(padding_idx, num_embeddings)
+
+    @classmethod
+    def empty(cls, num_embeddings: int, embedding_dim: int, num_codes: int, num_groups: int,
+              shared_subspace: bool = False, padding_idx: Optional[int] = None,
+              dtype: torch.dtype = torch.float32, device=None) -> "CodebookEmbedding":
+        """A zero table of the given shapes, to ``load_state_dict`` a checkpoint into."""
+        if num_codes < 2:
+            raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+        check_groups(embedding_dim, num_groups)
+        groups = 1 if shared_subspace else num_groups
+        values = torch.zeros(groups, num_codes, embedding_dim // num_groups, dtype=dtype,
+                             device=device)
+        codes = torch.zeros(num_embeddings, num_groups, dtype=torch.long, device=device)
+        return cls(codes, values, padding_idx=padding_idx)
+
+    # ------------------------------------------------------------------ table access
+
+    def codes(self) -> Tensor:
+        """``LongTensor [V, D]``: the unpacked codes."""
+        positions = torch.arange(self.num_embeddings * self.num_groups,
+                                 device=self.packed_codes.device)
+        return unpack_codes(self.packed_codes, self.bits, positions).view(
+            self.num_embeddings, self.num_groups)
+
+    def forward(self, indices: Tensor) -> Tensor:
+        """``LongTensor [...] -> [..., embedding_dim]`` (values' dtype)."""
+        check_indices(indices, self.num_embeddings)
+        codes = unpack_rows(self.packed_codes, self.bits, self.num_groups, indices)
+        return self._lookup(codes, indices)
+
+    def _lookup(self, codes: Tensor, indices: Tensor) -> Tensor:
+        table = self.values.reshape(-1, self.values.shape[-1])
+        rows = F.embedding(codebook_index(codes, self.num_codes, self.shared_subspace), table)
+        out = rows.reshape(*indices.shape, self.embedding_dim)
+        if self.padding_idx is not None:
+            out = out.masked_fill((indices == self.padding_idx).unsqueeze(-1), 0)
+        return out
+
+    def materialize(self) -> Tensor:
+        """The ``[V, d]`` table."""
+        return self._lookup(self.codes(), torch.arange(self.num_embeddings,
+                                                       device=self.packed_codes.device))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., d] -> [..., V]`` = ``hidden @ materialize().T``, by per-group
+        products gathered by code (:func:`compemb.dpq.math.codebook_logits`); the
+        ``V x d`` table is never built. Computed in float32 under autocast."""
+        return table_logits(hidden, self.values, self.codes(), self.padding_idx)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def storage(self) -> LayerStorage:
+        """Bytes as stored: packed codes plus values (ratio as in METHODS.md)."""
+        value_bytes = self.values.numel() * self.values.element_size()
+        shape = f"K={self.num_codes} D={self.num_groups} bits={self.bits}"
+        if self.shared_subspace:
+            shape += " shared"
+        return LayerStorage(
+            method="codebook", shape=shape, num_embeddings=self.num_embeddings,
+            embedding_dim=self.embedding_dim, stored_parameters=self.values.numel(),
+            stored_bytes=self.packed_codes.numel() + value_bytes,
+            dense_bytes=self.num_embeddings * self.embedding_dim * self.values.element_size())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        expected = {"packed_codes": self.packed_codes.shape, "values": self.values.shape}
+        before = len(error_msgs)
+        check_state_shapes(type(self).__name__, expected, state_dict, prefix, error_msgs)
+        packed = state_dict.get(prefix + "packed_codes")
+        if packed is not None and len(error_msgs) == before:
+            if packed.dtype != torch.uint8:
+                error_msgs.append(f"{type(self).__name__}: {prefix}packed_codes has dtype "
+                                  f"{packed.dtype} in the checkpoint, expected torch.uint8")
+            elif self.num_codes < (1 << self.bits):
+                positions = torch.arange(self.num_embeddings * self.num_groups,
+                                         device=packed.device)
+                top = int(unpack_codes(packed, self.bits, positions).max()) if positions.numel() else 0
+                if top >= self.num_codes:
+                    error_msgs.append(f"{type(self).__name__}: {prefix}packed_codes holds code "
+                                      f"{top}, out of range for num_codes={self.num_codes}")
+        if len(error_msgs) > before:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_embeddings}, {self.embedding_dim}, num_codes={self.num_codes}, "
+             f"num_groups={self.num_groups}, bits={self.bits}")
+        if self.shared_subspace:
+            s += ", shared_subspace=True"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return s
+
+
+def table_logits(hidden: Tensor, values: Tensor, codes: Tensor,
+                 padding_idx: Optional[int] = None) -> Tensor:
+    """``hidden [..., d] -> [..., V]`` for the table of ``values [G, Kc, s]`` and
+    ``codes [V, D]`` (padding column zero), in float32 at least (also under autocast)."""
+    embedding_dim = codes.shape[1] * values.shape[-1]
+    if hidden.shape[-1] != embedding_dim:
+        raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
+                         f"embedding_dim={embedding_dim}")
+    lead = hidden.shape[:-1]
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, values.dtype), torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = codebook_logits(hidden.reshape(-1, embedding_dim).to(dtype), values.to(dtype),
+                              codes)
+        if padding_idx is not None:
+            out[:, padding_idx] = 0
+    return out.reshape(*lead, codes.shape[0])
+
+
+def _check_padding(padding_idx: Optional[int], num_embeddings: int) -> Optional[int]:
+    """``padding_idx`` normalised to ``[0, V)`` as ``nn.Embedding`` does."""
+    if padding_idx is None:
+        return None
+    if not isinstance(padding_idx, int) or isinstance(padding_idx, bool) or not (
+            -num_embeddings <= padding_idx < num_embeddings):
+        raise ValueError(f"padding_idx must be an integer in [-{num_embeddings}, "
+                         f"{num_embeddings}) or None, got {padding_idx!r}")
+    return padding_idx % num_embeddings

@@ -1,0 +1,347 @@
+"""DPQEmbedding: an embedding table trained end to end as discrete codes (DPQ-SX/VQ)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_indices, check_state_shapes
+from ..report import LayerStorage
+from .codebook import CodebookEmbedding, _check_padding, table_logits
+from .config import DPQConfig
+from .math import (check_groups, code_bits, codebook_index, codebook_storage_bytes,
+                   distributed_world_size, kmeans, normalize_scores,
+                   all_reduce_sum)
+
+__all__ = ["DPQEmbedding"]
+
+#: Weight of the VQ codebook (centroid) term ``mean ||stopgrad(q) - V[c]||^2`` whose
+#: gradient the layer injects in backward (the reference code's alpha = 1).
+CODEBOOK_LOSS_WEIGHT = 1.0
+
+
+class DPQEmbedding(nn.Module):
+    """Differentiable Product Quantization embedding (METHODS.md; Chen et al., ICML 2020).
+
+    A query table ``Q [V, d]`` is split into ``D = num_groups`` groups of ``s = d/D``.
+    Group ``g`` has keys ``K_g`` and values ``V_g`` (``Kc x s``; one pair for all groups
+    with ``shared_subspace``). The code of symbol ``i`` in group ``g`` is the argmax over
+    ``k`` of a score, and the output row is ``concat_g V_g[code]``:
+
+    * ``variant="sx"``: score ``q_ig . K_gk``; straight-through: the forward is exactly
+      the codebook row, the backward that of ``softmax(score / temperature) @ V_g``
+      (gradients reach query, keys and values).
+    * ``variant="vq"``: score ``-||q_ig - V_gk||^2`` (keys are the values); the output is
+      ``V[c]`` in value and passes its gradient to ``q`` unchanged (``q + stopgrad(V[c] -
+      q)``). The codebook loss ``CODEBOOK_LOSS_WEIGHT * mean ||stopgrad(q) - V[c]||^2``
+      (weight 1, the reference's) plus ``commitment * mean ||q - stopgrad(V[c])||^2``
+      (means over the batch's non-padding tokens and the ``d`` dims) is added by the
+      layer itself: its gradient is injected in the backward pass of the output, so a
+      plain ``loss.backward()`` (or any trainer) updates the codebook. Its last value is
+      kept (detached) in ``self.codebook_loss`` for logging.
+
+    With ``distance_norm`` the scores are batch-normalised per (group, code) over the
+    mini-batch's tokens (no scale, no shift) in training, with running statistics
+    (``running_mean``, ``running_var`` buffers, saved in ``state_dict``) in eval. Under
+    ``torch.distributed`` with several processes the batch statistics are all-reduced
+    (differentiably, like ``nn.SyncBatchNorm``), so every process uses the global ones.
+
+    In eval the output is ``values`` gathered by the codes: exactly what
+    :meth:`export` 's :class:`CodebookEmbedding` returns. On CPU (outside
+    ``torch.compile``) codes are computed once per distinct id of the batch.
+
+    Shapes: ``forward(LongTensor [...]) -> [..., d]`` in the values' dtype (scores are
+    computed in float32, also under autocast).
+    """
+
+    momentum = 0.1
+    eps = 1e-5
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, num_codes: int, num_groups: int,
+                 variant: str = "sx", shared_subspace: bool = False, distance_norm: bool = True,
+                 temperature: float = 1.0, commitment: float = 0.0,
+                 padding_idx: Optional[int] = None) -> None:
+        super().__init__()
+        self.config = DPQConfig(num_codes=num_codes, num_groups=num_groups, variant=variant,
+                                shared_subspace=shared_subspace, distance_norm=distance_norm,
+                                temperature=temperature, commitment=commitment)
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_groups(embedding_dim, num_groups)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.num_codes = num_codes
+        self.num_groups = num_groups
+        self.variant = variant
+        self.shared_subspace = shared_subspace
+        self.padding_idx = _check_padding(padding_idx, num_embeddings)
+        sub = embedding_dim // num_groups
+        books = 1 if shared_subspace else num_groups
+        self.query = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.values = nn.Parameter(torch.empty(books, num_codes, sub))
+        if variant == "sx":
+            self.key_weight = nn.Parameter(torch.empty(books, num_codes, sub))
+        else:
+            self.register_parameter("key_weight", None)
+        if distance_norm:
+            self.register_buffer("running_mean", torch.zeros(num_groups, num_codes))
+            self.register_buffer("running_var", torch.ones(num_groups, num_codes))
+        else:
+            self.running_mean = self.running_var = None
+        self.codebook_loss: Optional[Tensor] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Query, keys and values ~ N(0, 1) (as ``nn.Embedding``); running stats reset."""
+        with torch.no_grad():
+            nn.init.normal_(self.query)
+            nn.init.normal_(self.values)
+            if self.key_weight is not None:
+                nn.init.normal_(self.key_weight)
+            if self.padding_idx is not None:
+                self.query[self.padding_idx].zero_()
+            if self.running_mean is not None:
+                self.running_mean.zero_()
+                self.running_var.fill_(1)
+
+    @property
+    def keys(self) -> Tensor:
+        """``[G, Kc, s]`` keys (the values themselves for ``"vq"``)."""
+        return self.values if self.key_weight is None else self.key_weight
+
+    # ------------------------------------------------------------------ core
+
+    def _scores(self, q: Tensor) -> Tensor:
+        """``q [U, D, s] -> scores [D, U, Kc]`` in float32."""
+        q = q.float().transpose(0, 1)  # [D, U, s]
+        keys = self.keys.float()
+        dots = torch.matmul(q, keys.transpose(1, 2))  # [D, U, Kc]
+        if self.variant == "sx":
+            return dots
+        return 2 * dots - (q * q).sum(-1, keepdim=True) - (keys * keys).sum(-1).unsqueeze(1)
+
+    def _normalise(self, scores: Tensor, weights: Optional[Tensor], training: bool) -> Tensor:
+        if self.running_mean is None:
+            return scores
+        return normalize_scores(scores, weights, self.running_mean, self.running_var,
+                                training, self.momentum, self.eps, training and _synced())
+
+    def _gather(self, codes: Tensor) -> Tensor:
+        """``codes [U, D] -> [U, D, s]`` value rows."""
+        table = self.values.reshape(-1, self.values.shape[-1])
+        return F.embedding(codebook_index(codes, self.num_codes, self.shared_subspace), table)
+
+    def _rows(self, ids: Tensor, weights: Tensor, training: bool) -> Tensor:
+        """Output rows ``[U, d]`` for symbols ``ids [U]`` standing for ``weights [U]``
+        tokens each."""
+        q = self.query[ids].view(ids.shape[0], self.num_groups, -1)  # [U, D, s]
+        with torch.autocast(ids.device.type, enabled=False):
+            scores = self._normalise(self._scores(q), weights, training)
+            codes = scores.argmax(-1).t()  # [U, D]
+            hard = self._gather(codes)  # [U, D, s], exactly the codebook rows
+            if training and self.variant == "sx":
+                prob = torch.softmax(scores / self.config.temperature, dim=-1)  # [D, U, Kc]
+                soft = torch.matmul(prob, self._value_books().detach().float())  # [D, U, s]
+                soft = soft.transpose(0, 1).to(hard.dtype)
+                out = hard + (soft - soft.detach())  # value: hard; gradient: softmax path
+            elif training:
+                count = weights.detach().sum()
+                if _synced():  # the mean over the global batch, as one process would take
+                    count = all_reduce_sum(count) / distributed_world_size()
+                out, loss = _VQStraightThrough.apply(q, hard, weights, count,
+                                                     CODEBOOK_LOSS_WEIGHT,
+                                                     float(self.config.commitment))
+                self.codebook_loss = loss.detach()
+            else:
+                out = hard
+        return out.reshape(ids.shape[0], self.embedding_dim)
+
+    def _value_books(self) -> Tensor:
+        """``[G, Kc, s]`` broadcastable against ``[D, U, Kc]`` products."""
+        return self.values
+
+    def forward(self, indices: Tensor) -> Tensor:
+        """``LongTensor [...] -> [..., embedding_dim]``."""
+        check_indices(indices, self.num_embeddings)
+        flat = indices.reshape(-1).long()
+        keep = (flat != self.padding_idx) if self.padding_idx is not None else None
+        if self._dedup(flat):
+            ids, inverse = torch.unique(flat, return_inverse=True)
+            if keep is None:
+                weights = torch.bincount(inverse, minlength=ids.numel())
+            else:
+                weights = torch.bincount(inverse, weights=keep.float(), minlength=ids.numel())
+        else:
+            ids, inverse = flat, None
+            weights = keep if keep is not None else torch.ones_like(flat)
+        rows = self._rows(ids, weights.float(), self.training)
+        out = rows if inverse is None else rows[inverse]
+        if keep is not None:
+            out = out * keep.unsqueeze(1).to(out.dtype)
+        return out.view(*indices.shape, self.embedding_dim)
+
+    @staticmethod
+    def _dedup(flat: Tensor) -> bool:
+        """Compute once per distinct id: on CPU (a sort is cheap next to the scores); not
+        on CUDA (``unique`` would sync the host) nor inside ``torch.compile``."""
+        return flat.device.type == "cpu" and flat.numel() > 1 and not torch.compiler.is_compiling()
+
+    # ------------------------------------------------------------------ inference form
+
+    @torch.no_grad()
+    def codes(self, chunk: int = 8192) -> Tensor:
+        """``LongTensor [V, D]``: each symbol's codes as in eval (running statistics)."""
+        out = []
+        for start in range(0, self.num_embeddings, chunk):
+            ids = torch.arange(start, min(start + chunk, self.num_embeddings),
+                               device=self.query.device)
+            q = self.query[ids].view(ids.numel(), self.num_groups, -1)
+            with torch.autocast(ids.device.type, enabled=False):
+                scores = self._normalise(self._scores(q), None, training=False)
+            out.append(scores.argmax(-1).t())
+        return torch.cat(out)
+
+    def export(self) -> CodebookEmbedding:
+        """The inference form: packed codes and a copy of the values; its forward equals
+        this layer's eval forward exactly."""
+        return CodebookEmbedding(self.codes(), self.values.detach().clone(),
+                                 padding_idx=self.padding_idx)
+
+    def materialize(self) -> Tensor:
+        """The ``[V, d]`` table the eval forward reads from (rows of the codebooks)."""
+        ids = torch.arange(self.num_embeddings, device=self.query.device)
+        out = self._gather(self.codes()).reshape(self.num_embeddings, self.embedding_dim)
+        if self.padding_idx is not None:
+            out = out * (ids != self.padding_idx).unsqueeze(1).to(out.dtype)
+        return out
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., d] -> [..., V]`` against the eval table, by per-group products
+        (see :meth:`CodebookEmbedding.logits`); gradients reach ``hidden`` and ``values``."""
+        return table_logits(hidden, self.values, self.codes(), self.padding_idx)
+
+    def storage(self) -> LayerStorage:
+        """What the exported inference form stores (codes at ``ceil(log2(Kc))`` bits,
+        values at their dtype): ratio ``32*V*d / (V*D*log2(Kc) + 32*Kc*d)`` in float32."""
+        size = self.values.element_size()
+        code_bytes, value_bytes = codebook_storage_bytes(
+            self.num_embeddings, self.embedding_dim, self.num_codes, self.num_groups,
+            self.shared_subspace, size)
+        shape = f"K={self.num_codes} D={self.num_groups} bits={code_bits(self.num_codes)}"
+        if self.shared_subspace:
+            shape += " shared"
+        return LayerStorage(
+            method=f"dpq-{self.variant}", shape=shape, num_embeddings=self.num_embeddings,
+            embedding_dim=self.embedding_dim, stored_parameters=self.values.numel(),
+            stored_bytes=code_bytes + value_bytes,
+            dense_bytes=self.num_embeddings * self.embedding_dim * size)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, num_codes: int, num_groups: int, variant: str = "sx",
+                   shared_subspace: bool = False, distance_norm: bool = True,
+                   temperature: float = 1.0, commitment: float = 0.0,
+                   padding_idx: Optional[int] = None, iters: int = 25, init: str = "kmeans++",
+                   generator: Optional[torch.Generator] = None) -> "DPQEmbedding":
+        """Start from a trained table ``weight [V, d]``: the query table is ``weight``;
+        keys and values are k-means centroids of each group's sub-vectors (of all
+        groups' sub-vectors pooled with ``shared_subspace``), padding row excluded.
+
+        The running statistics are set so that the eval codes are the nearest centroids
+        (the k-means assignment): for ``"sx"`` with ``distance_norm`` the running mean of
+        code ``k`` is ``||K_k||^2 / 2``, which turns the dot-product argmax into the
+        nearest-centroid one; ``"sx"`` without it picks the largest dot product."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a [num_embeddings, embedding_dim] tensor, got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        num_embeddings, embedding_dim = weight.shape
+        layer = cls(num_embeddings, embedding_dim, num_codes, num_groups, variant=variant,
+                    shared_subspace=shared_subspace, distance_norm=distance_norm,
+                    temperature=temperature, commitment=commitment, padding_idx=padding_idx)
+        layer = layer.to(weight.device)
+        w = weight.detach().float()
+        rows = w if layer.padding_idx is None else torch.cat(
+            [w[:layer.padding_idx], w[layer.padding_idx + 1:]])
+        sub = embedding_dim // num_groups
+        points = rows.reshape(-1, num_groups, sub).transpose(0, 1)  # [D, V, s]
+        if shared_subspace:
+            points = points.reshape(1, -1, sub)
+        centroids, _ = kmeans(points, num_codes, iters=iters, init=init, generator=generator)
+        with torch.no_grad():
+            layer.query.copy_(weight.detach())
+            layer.values.copy_(centroids)
+            if layer.key_weight is not None:
+                layer.key_weight.copy_(centroids)
+            if layer.running_mean is not None:
+                layer.running_var.fill_(1)
+                if variant == "sx":
+                    layer.running_mean.copy_(0.5 * (centroids * centroids).sum(-1).expand(
+                        num_groups, num_codes))
+                else:
+                    layer.running_mean.zero_()
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        expected = {name: t.shape for name, t in list(self.named_parameters(recurse=False))
+                    + list(self.named_buffers(recurse=False))}
+        before = len(error_msgs)
+        check_state_shapes(type(self).__name__, expected, state_dict, prefix, error_msgs)
+        if len(error_msgs) > before:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        s = (f"{self.num_embeddings}, {self.embedding_dim}, num_codes={c.num_codes}, "
+             f"num_groups={c.num_groups}, variant={c.variant!r}")
+        if c.shared_subspace:
+            s += ", shared_subspace=True"
+        if not c.distance_norm:
+            s += ", distance_norm=False"
+        if c.variant == "sx" and c.temperature != 1.0:
+            s += f", temperature={c.temperature}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return s
+
+
+def _synced() -> bool:
+    """Whether batch statistics are shared between processes (torch.distributed with
+    more than one process)."""
+    return distributed_world_size() > 1
+
+
+class _VQStraightThrough(torch.autograd.Function):
+    """``(q [U, D, s], vc [U, D, s], weights [U]) -> (vc, loss)``: the value is the
+    codebook rows ``vc``; backward passes the output gradient to ``q`` unchanged
+    (straight-through) and adds the gradient of the codebook loss
+    ``alpha * sum_u w_u ||vc_u - stopgrad(q_u)||^2 / (n*d) + beta * sum_u w_u ||q_u -
+    stopgrad(vc_u)||^2 / (n*d)`` to ``vc`` (hence to the values) and ``q``; ``n`` =
+    ``count``, the tokens of the batch (per process, on average, under DDP, whose
+    gradient averaging then gives the mean over the global batch)."""
+
+    @staticmethod
+    def forward(ctx, q, vc, weights, count, alpha, beta):
+        diff = vc.float() - q.float()  # [U, D, s]
+        w = weights.float().view(-1, 1, 1)
+        scale = 1.0 / (count.float().clamp_min(1) * diff.shape[1] * diff.shape[2])
+        ctx.save_for_backward(diff, w, scale)
+        ctx.alpha, ctx.beta = alpha, beta
+        ctx.dtypes = (q.dtype, vc.dtype)
+        loss = (alpha + beta) * (diff * diff * w).sum() * scale
+        ctx.mark_non_differentiable(loss)
+        return vc.clone(), loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_loss):
+        diff, w, scale = ctx.saved_tensors
+        g = 2 * diff * w * scale
+        grad_q = grad_out.float() - ctx.beta * g
+        grad_vc = ctx.alpha * g
+        return grad_q.to(ctx.dtypes[0]), grad_vc.to(ctx.dtypes[1]), None, None, None, None
