@@ -79,7 +79,8 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.method = method
         self.options: Dict[str, Any] = merged
-        self.modules: Optional[List[str]] = None if modules is None else list(modules)
+        self.modules: Optional[List[str]] = (
+            modules if modules is None or isinstance(modules, (str, bytes)) else list(modules))
         self.output = output
         self.init = init
         self.form = form
