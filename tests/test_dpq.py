@@ -354,28 +354,30 @@ def test_registered_with_config_and_plan():
 
 # --------------------------------------------------------------------------- two processes
 
-def _worker(rank, world, init_file, result_dir, variant):
+def _worker(rank, world, init_file, result_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        layer = DPQEmbedding(40, 12, 6, 3, variant=variant, padding_idx=0)
-        model = DDP(layer)
-        idx, target = _sync_batch()
-        half = idx.shape[0] // world
-        mine = slice(rank * half, (rank + 1) * half)
-        out = model(idx[mine])
-        loss = (out * target[mine]).sum(-1).mean()
-        loss.backward()
-        # the inference form under DDP: uint8 packed codes are broadcast without trouble
-        layer.eval()
-        exported = DDP(layer.export())
-        rows = exported(idx[mine])
-        torch.save({"out": out.detach(), "grads": [p.grad for p in layer.parameters()],
-                    "mean": layer.running_mean, "var": layer.running_var, "rows": rows.detach()},
-                   os.path.join(result_dir, f"{rank}.pt"))
+        for variant in ("sx", "vq"):
+            torch.manual_seed(0)
+            layer = DPQEmbedding(40, 12, 6, 3, variant=variant, padding_idx=0)
+            model = DDP(layer)
+            idx, target = _sync_batch()
+            half = idx.shape[0] // world
+            mine = slice(rank * half, (rank + 1) * half)
+            out = model(idx[mine])
+            loss = (out * target[mine]).sum(-1).mean()
+            loss.backward()
+            # the inference form under DDP: uint8 packed codes are broadcast without trouble
+            layer.eval()
+            exported = DDP(layer.export())
+            rows = exported(idx[mine])
+            torch.save({"out": out.detach(), "grads": [p.grad for p in layer.parameters()],
+                        "mean": layer.running_mean, "var": layer.running_var,
+                        "rows": rows.detach()},
+                       os.path.join(result_dir, f"{variant}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -383,30 +385,34 @@ def _worker(rank, world, init_file, result_dir, variant):
 def _sync_batch():
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(40, (8, 6), generator=g)
-    idx[0, :2] = 0
+    idx[0, :4] = 0  # padding, unevenly spread over the two processes
     idx[5, :3] = 7
     return idx, torch.randn(8, 6, 12, generator=g)
 
 
-@pytest.mark.parametrize("variant", ["sx", "vq"])
-def test_distance_norm_is_synchronised_across_processes(variant):
+def test_distance_norm_is_synchronised_across_processes():
+    """Two processes (gloo, DDP) on halves of a batch give the outputs, gradients and
+    running statistics of one process on the whole batch, for SX and VQ (whose codebook
+    loss is a mean over the global batch's tokens)."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(2, init_file, tmp, variant), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
-    torch.manual_seed(0)
-    layer = DPQEmbedding(40, 12, 6, 3, variant=variant, padding_idx=0)
-    idx, target = _sync_batch()
-    out = layer(idx)  # one process, the whole batch
-    (out * target).sum(-1).mean().backward()
-    torch.testing.assert_close(torch.cat([r["out"] for r in results]), out.detach(),
-                               rtol=1e-5, atol=1e-6)
-    for r in results:  # DDP averaged the gradients: every process holds the global ones
-        for g, p in zip(r["grads"], layer.parameters()):
-            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(r["mean"], layer.running_mean)
-        torch.testing.assert_close(r["var"], layer.running_var)
-    layer.eval()
-    torch.testing.assert_close(torch.cat([r["rows"] for r in results]), layer.export()(idx),
-                               rtol=0, atol=0)
+        mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        runs = {v: [torch.load(os.path.join(tmp, f"{v}{r}.pt")) for r in range(2)]
+                for v in ("sx", "vq")}
+    for variant, results in runs.items():
+        torch.manual_seed(0)
+        layer = DPQEmbedding(40, 12, 6, 3, variant=variant, padding_idx=0)
+        idx, target = _sync_batch()
+        out = layer(idx)  # one process, the whole batch
+        (out * target).sum(-1).mean().backward()
+        torch.testing.assert_close(torch.cat([r["out"] for r in results]), out.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        for r in results:  # DDP averaged the gradients: every process holds the global ones
+            for g, p in zip(r["grads"], layer.parameters()):
+                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(r["mean"], layer.running_mean)
+            torch.testing.assert_close(r["var"], layer.running_var)
+        layer.eval()
+        torch.testing.assert_close(torch.cat([r["rows"] for r in results]),
+                                   layer.export()(idx), rtol=0, atol=0)
