@@ -6,9 +6,7 @@ the README demo runs a short version of it).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -19,7 +17,10 @@ from torch import Tensor
 
 import compemb
 
+from .common.packages import DataUnavailable
 from .common.ptb import Vocab, load_ptb_text
+from .common.run import (add_method_args, check_output_dir, hardware, model_bytes, spec_from_args,
+                         write_results)
 from .models.lstm_lm import LSTMLanguageModel
 
 SCALES = {
@@ -28,13 +29,6 @@ SCALES = {
     "small": dict(dim=200, hidden=200, layers=2, dropout=0.2, batch=20, bptt=35, epochs=6, lr=2e-3),
     "paper": dict(dim=650, hidden=650, layers=2, dropout=0.5, batch=20, bptt=35, epochs=39, lr=1e-3),
 }
-
-
-def spec_from_args(args: argparse.Namespace) -> compemb.EmbeddingSpec:
-    """The embedding spec named on the command line (--method and its settings)."""
-    names = compemb.get_method(args.method).field_names()
-    options = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    return compemb.EmbeddingSpec(args.method, options)
 
 
 def batchify(ids: List[int], batch: int) -> Tensor:
@@ -114,21 +108,9 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "report": report.to_dict(), "metric": "test_ppl", "value": test, "valid_ppl": valid,
         "steps": total_steps, "wall_time_s": train_time,
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "hardware": hardware(),
         "model": model, "report_obj": report,
     }
-
-
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="dense", choices=compemb.available_methods())
-    parser.add_argument("--rank", type=int)
-    parser.add_argument("--num-factors", dest="num_factors", type=int)
-    parser.add_argument("--num-codes", dest="num_codes", type=int)
-    parser.add_argument("--num-groups", dest="num_groups", type=int)
-    parser.add_argument("--variant", choices=["sx", "vq"])
-    parser.add_argument("--shared-subspace", dest="shared_subspace", action="store_true", default=None)
-    parser.add_argument("--config", type=Path, help="a JSON embedding spec instead of the flags above")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -138,20 +120,31 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    scale = SCALES[args.scale]
+    # everything that can be wrong is found here, before any training
     try:
-        spec = (compemb.EmbeddingSpec.from_json(args.config.read_text()) if args.config
-                else spec_from_args(args))
-        compemb.build_embedding(spec, 10000, SCALES[args.scale]["dim"])  # fail before training
-    except (ValueError, OSError) as err:
+        spec = spec_from_args(args)
+        check_output_dir(args.out, need_bytes=1 << 20)
+        vocab = Vocab(load_ptb_text()["train"])
+        probe = LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
+                                  output=args.output)
+        check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
+    except (ValueError, DataUnavailable) as err:
         parser.error(str(err))
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = train(spec, args.output, SCALES[args.scale], max_steps=args.max_steps)
+    result = train(spec, args.output, scale, max_steps=args.max_steps)
     model, report = result.pop("model"), result.pop("report_obj")
+    result.update(dataset="ptb", scale=args.scale, higher_is_better=False)
     print(report)
     print(f"valid ppl {result['valid_ppl']:.2f}  test ppl {result['value']:.2f}")
-    torch.save(model.state_dict(), args.out / "model.pt")
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out, result, model)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""What every recipe's command line shares: the method flags (or a JSON spec), the checks
+that run before any training (method flags the method cannot take, data, output dir and
+its free space), the hardware line and the results/checkpoint writer."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+import compemb
+
+__all__ = ["METHOD_FLAGS", "add_method_args", "spec_from_args", "check_output_dir",
+           "hardware", "write_results", "model_bytes", "base_result"]
+
+
+
+def _register_methods() -> None:
+    """Import the method packages that exist (each registers itself on import), so that
+    ``--method`` offers every method of this checkout."""
+    for name in ("tt", "tr", "dpq"):
+        try:
+            importlib.import_module(f"compemb.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"compemb.{name}":
+                raise
+
+
+_register_methods()
+
+# command-line flag -> the option name shared by the methods' config dataclasses
+METHOD_FLAGS: Dict[str, str] = {
+    "--rank": "rank",
+    "--num-factors": "num_factors",
+    "--num-codes": "num_codes",
+    "--num-groups": "num_groups",
+    "--variant": "variant",
+    "--shared-subspace": "shared_subspace",
+    "--temperature": "temperature",
+}
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and the settings of the methods (each defaults to the method's own)."""
+    group = parser.add_argument_group("embedding compression")
+    group.add_argument("--method", default="dense", choices=compemb.available_methods(),
+                       help="how the embedding table is stored")
+    group.add_argument("--rank", type=int, help="tt/tr: the TT (or ring) rank")
+    group.add_argument("--num-factors", dest="num_factors", type=int,
+                       help="tt/tr: number of cores the table is factored into")
+    group.add_argument("--num-codes", dest="num_codes", type=int, help="dpq: codes per group (K)")
+    group.add_argument("--num-groups", dest="num_groups", type=int,
+                       help="dpq: groups the embedding dimension is split into (D)")
+    group.add_argument("--variant", choices=["sx", "vq"], help="dpq: softmax (sx) or vector quantisation (vq)")
+    group.add_argument("--shared-subspace", dest="shared_subspace", action="store_true", default=None,
+                       help="dpq: one codebook for all groups")
+    group.add_argument("--temperature", type=float, help="dpq-sx: softmax temperature")
+    group.add_argument("--config", type=Path,
+                       help="a JSON embedding spec, e.g. {\"method\": \"tt\", \"rank\": 16}, "
+                            "instead of --method and its flags")
+
+
+def spec_from_args(args: argparse.Namespace) -> compemb.EmbeddingSpec:
+    """The embedding spec named on the command line.
+
+    Raises ``ValueError`` for a flag the chosen method does not take (``--rank`` with
+    ``--method dpq``), for method flags next to ``--config``, for an unreadable config file
+    and for settings the method rejects."""
+    given = {flag: opt for flag, opt in METHOD_FLAGS.items() if getattr(args, opt, None) is not None}
+    if getattr(args, "config", None) is not None:
+        if given:
+            raise ValueError(f"--config gives the whole embedding spec; drop {sorted(given)} "
+                             f"or put those settings in the JSON file")
+        try:
+            text = Path(args.config).read_text()
+        except OSError as err:
+            raise ValueError(f"--config: cannot read {args.config}: {err.strerror or err}") from None
+        try:
+            return compemb.EmbeddingSpec.from_json(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config: {args.config} is not valid JSON ({err})") from None
+    method = compemb.get_method(args.method)
+    fields = method.field_names()
+    wrong = sorted(flag for flag, opt in given.items() if opt not in fields)
+    if wrong:
+        takes = sorted(flag for flag, opt in METHOD_FLAGS.items() if opt in fields)
+        raise ValueError(f"{', '.join(wrong)} cannot be used with --method {args.method}; "
+                         f"it takes {', '.join(takes) if takes else 'no settings'}")
+    return compemb.EmbeddingSpec(args.method, {opt: getattr(args, opt) for opt in given.values()})
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(out: Path, need_bytes: int) -> None:
+    """Fail (``ValueError`` saying why) unless ``out`` is, or can be made, a writable folder
+    with ``need_bytes`` free. Creates the folder; writes nothing else there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    parent = _existing_parent(out)
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise ValueError(f"--out {out}: only {free / 2**20:.1f} MiB free on its disk, the run "
+                         f"writes about {need_bytes / 2**20:.1f} MiB (checkpoint and results); "
+                         f"free some space or choose another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable; choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out} is not writable: {err.strerror or err}") from None
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state_dict (what the checkpoint holds)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def hardware() -> str:
+    """One line: CPU (and GPU) and the number of torch threads."""
+    cpu = platform.processor() or platform.machine()
+    line = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        line += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    return line
+
+
+def write_results(out: Path, result: Dict[str, Any], model: Optional[nn.Module] = None) -> Optional[Path]:
+    """``out/results.json`` (and ``out/model.pt``, the state_dict, when a model is given),
+    from the main process only (under ``accelerate launch`` with several processes)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        torch.save(model.state_dict(), out / "model.pt")
+        result = dict(result, checkpoint="model.pt")
+    path = out / "results.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+    return path
+
+
+
+def base_result(task: str, dataset: str, scale: str, spec: compemb.EmbeddingSpec,
+                model: nn.Module, report: "compemb.CompressionReport", metric: str,
+                value: float, higher_is_better: bool, wall_time_s: float, **extra: Any) -> Dict[str, Any]:
+    """The results.json fields every recipe writes (``report.py`` reads these)."""
+    embedding = getattr(model, "embedding", nn.Module())
+    emb_bytes = sum(p.numel() * p.element_size() for p in embedding.parameters())
+    return {
+        "task": task, "dataset": dataset, "scale": scale,
+        "method": spec.method, "settings": spec.to_dict(),
+        "embedding_ratio": report.embedding_ratio,
+        # a dense table is no compressed layer: the report has no row for it
+        "embedding_stored_bytes": report.embedding_stored_bytes if report.rows else emb_bytes,
+        "embedding_dense_bytes": report.embedding_dense_bytes if report.rows else emb_bytes,
+        "embedding_parameters": sum(p.numel() for p in embedding.parameters()),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "model_stored_bytes": report.model_stored_bytes,
+        "report": report.to_dict(),
+        "metric": metric, "value": value, "higher_is_better": higher_is_better,
+        "wall_time_s": wall_time_s, "hardware": hardware(), "torch": torch.__version__,
+        **extra,
+    }

@@ -1,0 +1,253 @@
+"""Collect every ``results.json`` under some folders into a Markdown results page (a table
+per task: method, settings, embedding compression ratio, metric, change against dense,
+time; and whether the compression targets are met) and one matplotlib PNG per task of the
+metric against the compression ratio (log x axis).
+
+    python -m recipes.report runs/ --out RESULTS.md --plots recipes/plots --notes notes.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["collect", "label", "render", "plot_group", "main"]
+
+Group = Tuple[str, str, str]  # task, dataset, scale
+TARGETS = {"default": 10.0, "sentiment": 100.0}  # ratio needed within 1% of dense
+TOLERANCE = 0.01
+FAMILIES = {"tt": "TT", "tr": "TT", "dpq": "DPQ"}
+
+
+def collect(folders: Sequence[Path]) -> List[Dict]:
+    """Every readable results.json under ``folders`` (recursively), with ``"path"`` added.
+    Files that are not results (no task/method/value) are skipped with a warning."""
+    results = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder")
+        for path in sorted(folder.rglob("results.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                print(f"warning: skipping {path}: {err}", file=sys.stderr)
+                continue
+            if not isinstance(data, dict) or not {"task", "method", "value"} <= set(data):
+                print(f"warning: skipping {path}: not a recipe results file", file=sys.stderr)
+                continue
+            data["path"] = str(path)
+            results.append(data)
+    return results
+
+
+def _higher_is_better(r: Dict) -> bool:
+    if "higher_is_better" in r:
+        return bool(r["higher_is_better"])
+    metric = str(r.get("metric", "")).lower()
+    return not any(k in metric for k in ("ppl", "perplexity", "loss", "error"))
+
+
+def label(r: Dict) -> str:
+    """A short name for a run's setting: ``dense``, ``tt r=16``, ``dpq-vq K=32 D=64``."""
+    s = dict(r.get("settings") or {})
+    method = r["method"]
+    if method in ("tt", "tr"):
+        text = f"{method} r={s.get('rank')}"
+        if s.get("num_factors") is not None:
+            text += f" N={s['num_factors']}"
+    elif method == "dpq":
+        text = f"dpq-{s.get('variant', 'sx')} K={s.get('num_codes')} D={s.get('num_groups')}"
+        if s.get("shared_subspace"):
+            text += " shared"
+    else:
+        text = method
+    if r.get("output"):
+        text += f" ({r['output']} softmax)"
+    return text
+
+
+def _group_key(r: Dict) -> Group:
+    return (str(r["task"]), str(r.get("dataset", "-")), str(r.get("scale", "-")))
+
+
+def _baseline(rows: List[Dict]) -> Optional[float]:
+    dense = [r["value"] for r in rows if r["method"] == "dense" and _finite(r["value"])]
+    return sum(dense) / len(dense) if dense else None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _rel(value: float, base: Optional[float], higher: bool) -> Optional[float]:
+    """Relative change against dense, signed so that negative is worse."""
+    if base is None or not _finite(value) or base == 0:
+        return None
+    change = (value - base) / abs(base)
+    return change if higher else -change
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _settings_text(r: Dict) -> str:
+    s = {k: v for k, v in (r.get("settings") or {}).items() if k != "method"}
+    return ", ".join(f"{k}={v}" for k, v in s.items()) or "-"
+
+
+def target_lines(task: str, rows: List[Dict], base: Optional[float]) -> List[str]:
+    """One line per method family: is there a setting at the target ratio within 1% of dense?"""
+    need = TARGETS.get(task, TARGETS["default"])
+    if base is None:
+        return ["- no dense run: targets cannot be checked"]
+    lines = []
+    for family in ("TT", "DPQ"):
+        members = [r for r in rows if FAMILIES.get(r["method"]) == family]
+        if not members:
+            lines.append(f"- {family}: no runs")
+            continue
+        hits = [r for r in members if r.get("embedding_ratio", 0) >= need
+                and _score(r, base) >= -TOLERANCE]
+        if hits:
+            best = max(hits, key=lambda r: r["embedding_ratio"])
+            lines.append(f"- {family}: **met**: {label(best)} at {best['embedding_ratio']:.0f}x is within "
+                         f"1% of dense ({_pct(_rel(best['value'], base, _higher_is_better(best)))})")
+        else:
+            at_ratio = [r for r in members if r.get("embedding_ratio", 0) >= need]
+            if at_ratio:
+                best = max(at_ratio, key=lambda r: _score(r, base))
+                lines.append(f"- {family}: **missed**: no setting at >= {need:.0f}x within 1% of dense; "
+                             f"the closest is {label(best)} at {best['embedding_ratio']:.0f}x "
+                             f"({_pct(_rel(best['value'], base, _higher_is_better(best)))})")
+            else:
+                lines.append(f"- {family}: **missed**: no run reached {need:.0f}x compression")
+    return lines
+
+
+def _score(r: Dict, base: Optional[float]) -> float:
+    rel = _rel(r["value"], base, _higher_is_better(r))
+    return -math.inf if rel is None else rel
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def plot_group(key: Group, rows: List[Dict], path: Path) -> Path:
+    """PNG of metric against embedding compression ratio (log x), one marker per method,
+    dense as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task, dataset, scale = key
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    markers = {"tt": "o", "tr": "D", "dpq": "s"}
+    by_method: Dict[str, List[Dict]] = defaultdict(list)
+    for r in rows:
+        if _finite(r["value"]):
+            by_method[r["method"]].append(r)
+    base = _baseline(rows)
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="dense")
+    for method, members in sorted(by_method.items()):
+        if method == "dense":
+            continue
+        members.sort(key=lambda r: r.get("embedding_ratio", 1.0))
+        xs = [max(r.get("embedding_ratio", 1.0), 1e-3) for r in members]
+        ys = [r["value"] for r in members]
+        ax.scatter(xs, ys, marker=markers.get(method, "^"), label=method, zorder=3)
+        for x, y, r in zip(xs, ys, members):
+            ax.annotate(label(r).replace(f"{method} ", "").replace("dpq-", ""), (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for r in by_method.get("dense", []):
+        ax.scatter([1.0], [r["value"]], color="black", marker="*", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding compression ratio (dense bytes / stored bytes)")
+    metric = rows[0].get("metric", "metric")
+    ax.set_ylabel(metric + ("" if _higher_is_better(rows[0]) else " (lower is better)"))
+    ax.set_title(f"{task}: {dataset} ({scale} scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional[Path] = None,
+           notes: str = "", command: str = "") -> str:
+    """The Markdown page; writes one PNG per task group into ``plots_dir`` when given
+    (linked relative to ``page``'s folder)."""
+    groups: Dict[Group, List[Dict]] = defaultdict(list)
+    for r in results:
+        groups[_group_key(r)].append(r)
+    out = ["# Results", "",
+           "Measured with this repository's recipes; every number below comes from a "
+           "`results.json` written by a run (nothing is copied from the papers).",
+           f"Generated by `{command}`." if command else "", ""]
+    if notes.strip():
+        out += [notes.strip(), ""]
+    for key in sorted(groups):
+        rows = sorted(groups[key], key=lambda r: (r["method"] != "dense", r.get("embedding_ratio", 1.0), label(r)))
+        task, dataset, scale = key
+        higher = _higher_is_better(rows[0])
+        base = _baseline(rows)
+        metric = rows[0].get("metric", "metric")
+        out += [f"## {task}: {dataset} ({scale} scale)", ""]
+        hw = sorted({r.get("hardware", "?") for r in rows})
+        out += [f"Metric: `{metric}` ({'higher' if higher else 'lower'} is better). "
+                f"Hardware: {'; '.join(hw)}.", ""]
+        out += ["| method | settings | emb. ratio | emb. stored | total params | "
+                f"{metric} | vs dense | time |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            stored = r.get("embedding_stored_bytes") or (4 * r.get("embedding_parameters", 0))
+            out.append(
+                f"| {label(r)} | {_settings_text(r)} | {r.get('embedding_ratio', 1.0):.1f}x | "
+                f"{stored / 1024:.1f} KiB | {r.get('total_parameters', 0):,} | "
+                f"{r['value']:.4f} | {_pct(_rel(r['value'], base, higher)) if r['method'] != 'dense' else '-'} | "
+                f"{_fmt_time(r.get('wall_time_s', 0.0))} |")
+        out += ["", "\"vs dense\": relative change of the metric against the mean of the dense runs, "
+                "signed so that negative is worse.", ""]
+        need = TARGETS.get(task, TARGETS["default"])
+        out += [f"Target: a TT and a DPQ setting at >= {need:.0f}x embedding compression within 1% "
+                f"(relative) of dense:", ""]
+        out += target_lines(task, rows, base) + [""]
+        if plots_dir is not None:
+            png = plot_group(key, rows, Path(plots_dir) / f"{task}-{dataset}-{scale}.png".replace("/", "_"))
+            link = os.path.relpath(png, Path(page).parent if page else Path.cwd())
+            out += [f"![{task} {dataset}]({Path(link).as_posix()})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="folders searched for results.json")
+    parser.add_argument("--out", type=Path, default=Path("RESULTS.md"), help="the Markdown page")
+    parser.add_argument("--plots", type=Path, default=Path("recipes/plots"), help="folder for the PNGs")
+    parser.add_argument("--notes", type=Path, help="a Markdown file put under the title")
+    args = parser.parse_args(argv)
+    try:
+        results = collect(args.folders)
+        notes = args.notes.read_text() if args.notes else ""
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    if not results:
+        parser.error(f"no results.json found under {', '.join(map(str, args.folders))}")
+    command = "python -m recipes.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    page = render(results, args.plots, args.out, notes, command)
+    args.out.write_text(page)
+    print(f"wrote {args.out} ({len(results)} runs) and plots in {args.plots}")
+
+
+if __name__ == "__main__":
+    main()
