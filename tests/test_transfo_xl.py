@@ -22,6 +22,16 @@ from compemb_hf.transfo_xl.modeling import (
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "transfo_xl_4x")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is 5-20x faster than several on a busy
+    2-core machine (thread contention)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_config(**over):
     kw = dict(vocab_size=40, cutoffs=[10, 24], d_model=16, d_embed=16, n_head=2, d_head=8,
               d_inner=32, div_val=2, n_layer=2, mem_len=8, clamp_len=0, same_length=False,
@@ -395,3 +405,89 @@ def test_accelerate_training_with_memories():
             mems = out.mems
     after = evaluate_perplexity(accelerator.unwrap_model(model), data, tgt_len=6)["loss"]
     assert after < 0.5 * before, (before, after)
+
+
+# ----------------------------------------------------------------------------- compressed variants
+
+import compemb.dpq  # noqa: E402,F401  (register the methods)
+
+VARIANTS = {
+    "dpq-sx": {"method": "dpq", "num_codes": 8, "num_groups": 4},
+    "dpq-vq": {"method": "dpq", "num_codes": 8, "num_groups": 4, "variant": "vq"},
+}
+
+
+def _loss_drops(model, steps=30):
+    data = _periodic(40)
+    before = evaluate_perplexity(model, data, tgt_len=6)["loss"]
+    _train_with_memories(model, data, steps=steps, lr=1e-2)
+    after = evaluate_perplexity(model, data, tgt_len=6)["loss"]
+    assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.parametrize("output", ["tied", "untied"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compressed_embedding_and_softmax_train(variant, output):
+    """The paper's form: one compressed table over the vocabulary, full softmax."""
+    spec = {**VARIANTS[variant], "output": output}
+    model = tiny_model(noise=0.0, vocab_size=64, cutoffs=[], div_val=1, compressed_embedding=spec)
+    table = model.transformer.word_emb.emb_layers[0]
+    out = model.crit.out_layers[0]
+    assert isinstance(out, compemb.OutputLayer) and out.tied == (output == "tied")
+    assert (out.table is table) == (output == "tied")
+    assert type(table).__name__ != "Embedding" and table.storage().ratio > 1
+    names = [n for n, _ in model.named_parameters()]
+    own_table = any(n.startswith("crit.out_layers.0.") and n != "crit.out_layers.0.bias" for n in names)
+    assert own_table == (output == "untied")
+    _loss_drops(model)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_adaptive_form_compresses_each_cluster(variant):
+    spec = {**VARIANTS[variant], "output": "tied", "dense_below": 300}
+    model = tiny_model(noise=0.0, vocab_size=200, cutoffs=[40, 120], div_val=2,
+                       compressed_embedding=spec)
+    tables = model.transformer.word_emb.emb_layers
+    # clusters: 40 x 16 (640 entries), 80 x 8 (640), 80 x 4 (320): all reach dense_below;
+    # a cluster stays dense where the method would not store less than the table
+    for i, table in enumerate(tables):
+        out = model.crit.out_layers[i]
+        if type(table) is nn.Embedding:
+            assert isinstance(out, nn.Linear) and out.weight is table.weight
+            probe = compemb.build_embedding(VARIANTS[variant], *table.weight.shape)
+            assert probe.storage().ratio <= 1
+        else:
+            assert table.storage().ratio > 1 and out.table is table
+    assert type(tables[0]) is not nn.Embedding
+    _loss_drops(model, steps=25)
+    small = tiny_model(noise=0.0, vocab_size=200, cutoffs=[40, 120], div_val=2,
+                       compressed_embedding={**spec, "dense_below": 641})
+    assert all(type(t) is nn.Embedding for t in small.transformer.word_emb.emb_layers)
+
+
+def test_apply_compressed_embedding_hook_and_round_trip(tmp_path):
+    model = tiny_model()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown option"):
+        model.apply_compressed_embedding({"method": "dpq", "ranks": 3})
+    with pytest.raises(ValueError, match="output"):
+        model.apply_compressed_embedding(VARIANTS["dpq-sx"], output="both")
+    assert model.state_dict().keys() == dense_state.keys()  # unchanged after the errors
+    assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
+
+    model.apply_compressed_embedding(VARIANTS["dpq-sx"], output="untied")
+    assert model.config.compressed_embedding == {**VARIANTS["dpq-sx"], "output": "untied", "dense_below": 0}
+    tables = model.transformer.word_emb.emb_layers
+    assert type(tables[0]).__name__ == "DPQEmbedding"
+    assert model.crit.out_layers[0].table is not tables[0]
+    # biases and the rest of the model are kept
+    torch.testing.assert_close(model.crit.out_layers[0].bias, dense_state["crit.out_layers.0.bias"])
+    with pytest.raises(ValueError, match="already has compressed tables"):
+        model.apply_compressed_embedding(VARIANTS["dpq-sx"])
+
+    model.save_pretrained(tmp_path)
+    loaded = TransfoXLLMHeadModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    torch.testing.assert_close(a.logits, b.logits)

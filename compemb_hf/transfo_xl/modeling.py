@@ -543,6 +543,8 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
         new_tables = _compressed_tables(emb, spec_obj, dense_below, from_dense=from_dense)
         new_outputs = _compressed_outputs(self.crit, emb, spec_obj, output, dense_below,
                                           from_dense=from_dense, new_tables=new_tables)
+        new_tables.train(self.training)
+        new_outputs.train(self.training)
         # all built: swap
         emb.emb_layers = new_tables
         self.crit.out_layers = new_outputs
@@ -614,8 +616,12 @@ def _build_table(spec, weight: Tensor, from_dense: bool) -> nn.Module:
     from compemb import build_embedding, compress_embedding
 
     if from_dense:
-        return compress_embedding(spec, weight.detach().float())
-    return build_embedding(spec, weight.shape[0], weight.shape[1])
+        layer = compress_embedding(spec, weight.detach().float())
+    else:
+        layer = build_embedding(spec, weight.shape[0], weight.shape[1])
+    if weight.device.type != "meta":
+        layer = layer.to(device=weight.device)
+    return layer
 
 
 def _compressed_tables(emb: AdaptiveEmbedding, spec, dense_below: int, from_dense: bool) -> nn.ModuleList:
