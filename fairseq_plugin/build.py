@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
+import torch
 from torch import nn
 
 import compemb
@@ -35,11 +36,26 @@ def build_token_embedding(args: Any, num_embeddings: int, embedding_dim: int,
         layer = compemb.build_embedding(spec, num_embeddings, embedding_dim, padding_idx)
     except ValueError as err:
         raise describe_layer_error(err, args, what, num_embeddings, embedding_dim) from None
-    if spec.method == "dense":
-        nn.init.normal_(layer.weight, mean=0.0, std=embedding_dim ** -0.5)
-        if padding_idx is not None:
-            nn.init.zeros_(layer.weight[padding_idx])
+    _fairseq_scale(layer, spec.method, embedding_dim, padding_idx)
     return layer
+
+
+def _fairseq_scale(layer: nn.Module, method: str, embedding_dim: int,
+                   padding_idx: Optional[int]) -> None:
+    """fairseq initialises token embeddings with std ``dim**-0.5`` (then multiplies them
+    by ``sqrt(dim)``, and ties the softmax to them): the layers whose own init is
+    N(0, 1) per entry (``dense``; ``dpq``, whose output rows are rows of its N(0, 1)
+    values) are scaled to that std. TT/TR keep the paper's Glorot init (eq. 2)."""
+    with torch.no_grad():
+        if method == "dense":
+            nn.init.normal_(layer.weight, mean=0.0, std=embedding_dim ** -0.5)
+            if padding_idx is not None:
+                layer.weight[padding_idx].zero_()
+        elif method == "dpq":
+            # query, keys and values alike: the codes (argmax of normalised scores) are
+            # unchanged by a common scale, the output rows get std dim**-0.5
+            for p in layer.parameters():
+                p.mul_(embedding_dim ** -0.5)
 
 
 def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embeddings: int,
@@ -61,8 +77,6 @@ def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embedd
     if mode == "untied":
         table = build_token_embedding(args, num_embeddings, output_dim, None,
                                       what="output (softmax) table")
-        if isinstance(table, nn.Embedding):
-            nn.init.normal_(table.weight, mean=0.0, std=output_dim ** -0.5)
         return compemb.OutputLayer(table, bias=bias, tied=False)
     if mode == "dense":
         linear = nn.Linear(output_dim, num_embeddings, bias=bias)

@@ -8,17 +8,17 @@
 from __future__ import annotations
 
 from fairseq.models import register_model, register_model_architecture
+from fairseq.utils import safe_getattr
 from fairseq.models.transformer import (
-    TransformerDecoderBase,
+    TransformerConfig,
     TransformerModel,
     base_architecture,
     tiny_architecture,
     transformer_vaswani_wmt_en_de_big,
 )
-from fairseq.modules import BaseLayer
 
-from ..build import (CompressionRecord, build_output_layer, build_token_embedding,
-                     compression_record, log_report)
+from ..build import CompressionRecord, build_token_embedding, compression_record, log_report
+from ..decoder import CompembTransformerDecoder
 from ..flags import add_flags, resolve_softmax, spec_from_args
 
 
@@ -28,32 +28,6 @@ def _softmax_mode(args) -> str:
         "--share-decoder-input-output-embed":
             bool(getattr(args, "share_decoder_input_output_embed", False)),
     })
-
-
-class CompembTransformerDecoder(TransformerDecoderBase):
-    """The Transformer decoder whose output projection is a compemb output layer."""
-
-    def build_output_projection(self, cfg, dictionary, embed_tokens):
-        if cfg.adaptive_softmax_cutoff is not None:
-            raise ValueError("--adaptive-softmax-cutoff replaces the output layer by fairseq's "
-                             "AdaptiveSoftmax; the compemb models compress it instead "
-                             "(--softmax): drop --adaptive-softmax-cutoff")
-        self.output_projection = build_output_layer(
-            cfg, cfg.compemb_softmax, embed_tokens, len(dictionary), self.output_embed_dim)
-        for i in range(cfg.base_layers):  # as the stock decoder does
-            self.layers.insert(((i + 1) * cfg.decoder.layers) // (cfg.base_layers + 1),
-                               BaseLayer(cfg))
-
-    def upgrade_state_dict_named(self, state_dict, name):
-        # the stock decoder copies embed_tokens.weight to output_projection.weight for
-        # checkpoints without the latter: a tied compemb output layer has no such tensor
-        key = f"{name}.output_projection.weight"
-        had = key in state_dict
-        state_dict = super().upgrade_state_dict_named(state_dict, name)
-        if not had and key in state_dict and "weight" not in dict(
-                self.output_projection.named_parameters(recurse=False)):
-            del state_dict[key]
-        return state_dict
 
 
 @register_model("compemb_transformer")
@@ -74,11 +48,11 @@ class CompembTransformerModel(CompressionRecord, TransformerModel):
             raise ValueError("--adaptive-input replaces the token embedding by fairseq's "
                              "AdaptiveInput; the compemb models compress it instead "
                              "(--emb-method): drop --adaptive-input")
-        args.compemb_softmax = _softmax_mode(args)
-        if args.compemb_softmax == "tied":
+        softmax = _softmax_mode(args)
+        if softmax == "tied":
             args.share_decoder_input_output_embed = True
         model = super().build_model(args, task)
-        model.compemb_record = compression_record(args, args.compemb_softmax)
+        model.compemb_record = compression_record(args, softmax)
         log_report(model)
         return model
 
@@ -92,20 +66,17 @@ class CompembTransformerModel(CompressionRecord, TransformerModel):
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
-        cfg = cls._config(args)
-        return CompembTransformerDecoder(cfg, tgt_dict, embed_tokens,
+        # args: the TransformerConfig, with the --emb-* flags among its extra attributes
+        cfg = TransformerConfig.from_namespace(args)
+        return CompembTransformerDecoder(cfg, tgt_dict, embed_tokens, flags=cfg,
+                                         softmax=_softmax_mode(cfg),
                                          no_encoder_attn=cfg.no_cross_attention)
-
-    @staticmethod
-    def _config(args):
-        from fairseq.models.transformer import TransformerConfig
-        return TransformerConfig.from_namespace(args)
 
 
 @register_model_architecture("compemb_transformer", "compemb_transformer_tiny")
 def compemb_transformer_tiny(args):
     """2+2 layers of width 64, 2 heads: for tests and CPU runs."""
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 128)
     tiny_architecture(args)
 
 
