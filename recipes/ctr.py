@@ -13,8 +13,6 @@ paper scale reads Criteo's train.txt from --data-path.
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,8 +28,9 @@ from accelerate import PartialState
 
 from .common.ctr_data import CTR_DATASETS, hash_features, load_ctr_frame, split_frame
 from .common.packages import DataUnavailable
-from .common.run import (add_method_args, base_result, check_output_dir, model_bytes,
-                         spec_from_args, write_results)
+from .common.run import (add_method_args, add_run_args, apply_run_args, at_least, base_result,
+                         check_output_dir, model_bytes, spec_from_args, write_results)
+from .common.training import fit
 from .models.ctr_mlp import CTRMLP
 
 SCALES: Dict[str, Dict] = {
@@ -89,7 +88,6 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, TensorDatase
     """Train on ``data["train"]`` (``(ids [N, F], labels [N])``), pick the epoch by
     validation AUC, report test AUC. Returns the results dict with the model under ``"model"``."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     num_fields = data["train"].tensors[0].shape[1]
@@ -105,34 +103,12 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, TensorDatase
         model, optimizer, train_dl, valid_dl, test_dl)
     # steps per process: the prepared loader is this process's shard
     total_steps = max_steps or scale["epochs"] * len(train_dl)
-    epochs = -(-total_steps // len(train_dl))
-    bar = tqdm(total=total_steps, disable=not progress or not accelerator.is_main_process,
-               desc=f"ctr {spec.method}")
-    best, best_state, best_epoch, step, history = -math.inf, None, 0, 0, []
     start = time.time()
-    for epoch in range(epochs):
-        for ids, y in train_dl:
-            if step >= total_steps:
-                break
-            loss = F.binary_cross_entropy_with_logits(model(ids), y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        valid = evaluate(model, valid_dl, accelerator)
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": float(loss.item()),
-                        "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]})
-        accelerator.print(f"epoch {epoch + 1}/{epochs}  step {step}  loss {loss.item():.4f}  "
-                          f"valid AUC {valid['auc']:.4f}  logloss {valid['logloss']:.4f}")
-        score = valid["auc"] if not math.isnan(valid["auc"]) else -valid["logloss"]
-        if score > best or best_state is None:
-            best, best_epoch = score, epoch + 1
-            best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-    bar.close()
-    accelerator.unwrap_model(model).load_state_dict(best_state)
+    history, best_epoch, step = fit(
+        accelerator, model, optimizer, train_dl,
+        lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]), b[1]),
+        lambda: {f"valid_{k}": v for k, v in evaluate(model, valid_dl, accelerator).items()},
+        "valid_auc", total_steps, progress=progress, desc=f"ctr {spec.method}", log_every=log_every)
     test = evaluate(model, test_dl, accelerator)
     wall = time.time() - start
     model = accelerator.unwrap_model(model)
@@ -149,29 +125,16 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, TensorDatase
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
-    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    add_run_args(parser, SCALES)
     parser.add_argument("--dataset", choices=CTR_DATASETS, help="default: adult (smoke), "
                         "ml-100k (small), criteo (paper)")
     parser.add_argument("--data-path", type=Path, help="criteo: the train.txt file")
-    parser.add_argument("--max-rows", type=int, help="criteo: read only the first rows")
-    parser.add_argument("--buckets", type=int, help="hash table rows (override the scale's)")
-    parser.add_argument("--epochs", type=int, help="override the scale's epochs")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--max-rows", type=at_least(1), help="criteo: read only the first rows")
+    parser.add_argument("--buckets", type=at_least(2), help="hash table rows (override the scale's)")
     args = parser.parse_args(argv)
-    for flag in ("threads", "buckets", "epochs", "max_steps", "max_rows"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "buckets" else 1):
-            parser.error(f"--{flag.replace('_', '-')} must be >= {2 if flag == 'buckets' else 1}, got {value}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    scale = dict(SCALES[args.scale])
-    for key in ("buckets", "epochs"):
-        if getattr(args, key) is not None:
-            scale[key] = getattr(args, key)
+    scale = apply_run_args(args, SCALES)
+    if args.buckets is not None:
+        scale["buckets"] = args.buckets
     dataset = args.dataset or scale["dataset"]
     if args.data_path is not None and dataset != "criteo":
         parser.error(f"--data-path is read only with --dataset criteo (got --dataset {dataset})")
@@ -186,6 +149,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
     except (ValueError, DataUnavailable) as err:
         parser.error(str(err))
+    if args.check:
+        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return
     result = train(spec, scale, data, dataset=dataset, scale_name=args.scale,
                    max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
     model = result.pop("model")

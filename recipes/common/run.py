@@ -181,3 +181,42 @@ def base_result(task: str, dataset: str, scale: str, spec: compemb.EmbeddingSpec
         "wall_time_s": wall_time_s, "hardware": hardware(), "torch": torch.__version__,
         **extra,
     }
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an int >= ``minimum`` (``"must be >= 1, got 0"`` otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def add_run_args(parser: argparse.ArgumentParser, scales: Dict[str, Dict], default: str = "small") -> None:
+    """``--scale --epochs --max-steps --seed --threads --no-progress --out``."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--scale", default=default, choices=sorted(scales),
+                       help="model size, data and training length (see SCALES in the recipe)")
+    group.add_argument("--epochs", type=at_least(1), help="override the scale's epochs")
+    group.add_argument("--max-steps", type=at_least(1), help="stop after this many optimizer steps")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--threads", type=at_least(1), help="torch CPU threads (torch.set_num_threads)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--out", type=Path, required=True, help="output folder (results.json, model.pt)")
+    group.add_argument("--check", action="store_true",
+                       help="only check the arguments, the data and the output folder, then stop "
+                            "(recipes/launch.sh does this before `accelerate launch`)")
+
+
+def apply_run_args(args: argparse.Namespace, scales: Dict[str, Dict]) -> Dict:
+    """Set the torch threads; the scale's settings with ``--epochs`` applied."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    scale = dict(scales[args.scale])
+    if args.epochs is not None:
+        scale["epochs"] = args.epochs
+    return scale
