@@ -74,7 +74,11 @@ def test_loads_transformers_4x_checkpoint_with_same_logits_and_mems(name):
 
 
 def test_4x_checkpoint_keeps_its_ties_and_resaves_in_the_same_layout(tmp_path):
-    model = TransfoXLLMHeadModel.from_pretrained(os.path.join(FIXTURES, "adaptive"))
+    from transformers import AutoModelForCausalLM
+
+    # model_type "transfo-xl" (transformers 4.x) is registered: the Auto classes open it
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "adaptive"))
+    assert isinstance(model, TransfoXLLMHeadModel) and model.config.model_type == "transfo-xl"
     emb, crit = model.transformer.word_emb, model.crit
     assert all(crit.out_layers[i].weight is emb.emb_layers[i].weight for i in range(3))
     assert crit.out_projs[0] is not emb.emb_projs[0]  # tie_projs = [False, True, True]
@@ -208,6 +212,9 @@ def test_adaptive_softmax_is_a_distribution_and_losses_match_it():
         logp = model(x).logits
         out = model(x, labels=x)
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2, 6), atol=1e-5, rtol=1e-5)
+    as_tuple = model(x, return_dict=False)  # (logits, mems)
+    torch.testing.assert_close(as_tuple[0], logp)
+    assert len(as_tuple[1]) == 2
     want = -logp[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(out.losses, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, want.mean(), atol=1e-5, rtol=1e-5)

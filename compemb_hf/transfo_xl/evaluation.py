@@ -38,7 +38,7 @@ def segment_nll(model, input_ids: Tensor, tgt_len: int) -> Iterator[Tensor]:
     total = ids.shape[1] - 1
     for start in range(0, total, tgt_len):
         end = min(start + tgt_len, total)
-        out = model.transformer(ids[:, start:end], mems=mems)
+        out = model.transformer(ids[:, start:end], mems=mems, return_dict=True)
         mems = out.mems
         yield model.token_nll(out.last_hidden_state, ids[:, start + 1:end + 1])
 

@@ -64,12 +64,12 @@ def build_attention_mask(qlen: int, mlen: int, mem_len: int, same_length: bool,
     """``BoolTensor [qlen, qlen + mlen]``, True where the query may NOT attend.
 
     Causal over ``mlen`` memory positions followed by the segment; with ``same_length``
-    each query also drops keys further back than ``mem_len`` (so that every query sees
-    the same number of keys, as in 4.x)."""
+    each query also drops keys ``mem_len`` or more positions back (so that every query
+    sees the same number of keys, as in 4.x; ignored when ``mem_len == 0``)."""
     klen = mlen + qlen
     ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
     mask = torch.triu(ones, diagonal=1 + mlen)
-    if same_length:
+    if same_length and mem_len > 0:
         mask_len = klen - mem_len
         shift = qlen - mask_len if mask_len > 0 else qlen
         mask = mask | torch.tril(ones, diagonal=-shift)
@@ -411,9 +411,10 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         hidden_states = None
         if output_hidden_states:
             hidden_states = tuple(h.transpose(0, 1).contiguous() for h in hids + [core])
-        return TransfoXLModelOutput(
+        out = TransfoXLModelOutput(
             last_hidden_state=core.transpose(0, 1).contiguous(), mems=new_mems,
             hidden_states=hidden_states, attentions=tuple(attentions) if output_attentions else None)
+        return out if return_dict is not False else out.to_tuple()
 
 
 class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
@@ -491,7 +492,7 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
         ``[batch, len, V]``."""
         out = self.transformer(input_ids, mems=mems, head_mask=head_mask, inputs_embeds=inputs_embeds,
                                attention_mask=attention_mask, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states)
+                               output_hidden_states=output_hidden_states, return_dict=True)
         hidden = out.last_hidden_state
         bsz, tgt_len = hidden.shape[:2]
         loss = losses = logits = None
@@ -505,8 +506,9 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
             loss = losses.sum() / count.clamp(min=1)
         else:
             logits = self.crit(hidden.reshape(-1, hidden.shape[-1])).view(bsz, tgt_len, -1)
-        return TransfoXLLMHeadModelOutput(loss=loss, logits=logits, losses=losses, mems=out.mems,
-                                          hidden_states=out.hidden_states, attentions=out.attentions)
+        result = TransfoXLLMHeadModelOutput(loss=loss, logits=logits, losses=losses, mems=out.mems,
+                                            hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict is not False else result.to_tuple()
 
     def token_nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Negative log-likelihood of ``targets [batch, len]`` given the hidden states
