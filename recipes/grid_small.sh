@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The small-scale grid behind RESULTS.md: dense; TT at three ranks; DPQ-SX and DPQ-VQ at
+# two settings each; one CPU thread per run. Runs whose results.json exists are skipped.
+#   recipes/grid_small.sh sentiment|ctr [RUNS_DIR]     (JOBS=2 runs two at a time)
+# then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task=${1:?usage: recipes/grid_small.sh sentiment|ctr [RUNS_DIR]}
+runs=${2:-runs/small}
+PYTHON=${PYTHON:-.venv/bin/python}
+case "$task" in
+  sentiment)
+    grid=("dense:--method dense"
+          "dense-s1:--method dense --seed 1"
+          "dense-s2:--method dense --seed 2"
+          "tt-r8:--method tt --rank 8"
+          "tt-r16:--method tt --rank 16"
+          "tt-r32:--method tt --rank 32"
+          "dpq-sx-k32-d8:--method dpq --variant sx --num-codes 32 --num-groups 8"
+          "dpq-sx-k32-d32:--method dpq --variant sx --num-codes 32 --num-groups 32"
+          "dpq-vq-k32-d8:--method dpq --variant vq --num-codes 32 --num-groups 8"
+          "dpq-vq-k32-d32:--method dpq --variant vq --num-codes 32 --num-groups 32") ;;
+  ctr)
+    grid=("dense:--method dense"
+          "dense-s1:--method dense --seed 1"
+          "dense-s2:--method dense --seed 2"
+          "tt-r4:--method tt --rank 4"
+          "tt-r8:--method tt --rank 8"
+          "tt-r16:--method tt --rank 16"
+          "dpq-sx-k64-d8:--method dpq --variant sx --num-codes 64 --num-groups 8"
+          "dpq-sx-k16-d4:--method dpq --variant sx --num-codes 16 --num-groups 4"
+          "dpq-vq-k64-d8:--method dpq --variant vq --num-codes 64 --num-groups 8"
+          "dpq-vq-k16-d4:--method dpq --variant vq --num-codes 16 --num-groups 4") ;;
+  *) echo "unknown task $task (sentiment or ctr)" >&2; exit 2 ;;
+esac
+for entry in "${grid[@]}"; do
+  name=${entry%%:*}
+  out="$runs/$task/$name"
+  [ -f "$out/results.json" ] && continue
+  mkdir -p "$out"
+  echo "$PYTHON -m recipes.$task --scale small --threads 1 --no-progress ${entry#*:} --out $out > $out/log.txt 2>&1"
+done | xargs -P "${JOBS:-1}" -I{} sh -c "{}"
