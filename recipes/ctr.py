@@ -161,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"test AUC {result['value']:.4f}  logloss {result['test_logloss']:.4f} "
           f"(valid AUC {result['valid_auc']:.4f}, epoch {result['best_epoch']}), "
           f"{result['wall_time_s']:.0f}s")
-    write_results(args.out, result, model)
+    write_results(args.out, result, model, export_embedding=True)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(compemb.compression_report(model))
     print(f"test accuracy {result['value']:.4f} (valid {result['valid_accuracy']:.4f}, "
           f"epoch {result['best_epoch']}), {result['wall_time_s']:.0f}s")
-    write_results(args.out, result, model)
+    write_results(args.out, result, model, export_embedding=True)
 
 
 if __name__ == "__main__":

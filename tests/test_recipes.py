@@ -253,6 +253,10 @@ def test_sentiment_smoke_run_writes_results_and_checkpoint(cache, tmp_path, caps
         # dpq: V x 32 floats -> V x 8 codes of 3 bits + an 8 x 32 float codebook
         v = result["vocab_size"]
         assert result["embedding_ratio"] == pytest.approx(4 * v * 32 / (-(-v * 8 * 3 // 8) + 4 * 8 * 32))
+        # the inference form: packed codes and values instead of the query table
+        compact = torch.load(out / "model_compact.pt")
+        assert result["compact_checkpoint_bytes"] < result["checkpoint_bytes"]
+        assert not any(k.startswith("embedding.query") for k in compact)
     else:
         assert result["embedding_ratio"] == 1.0
         assert result["embedding_stored_bytes"] == 4 * result["vocab_size"] * scale["dim"]

@@ -4,6 +4,7 @@ its free space), the hardware line and the results/checkpoint writer."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -142,22 +143,35 @@ def hardware() -> str:
     return line
 
 
-def write_results(out: Path, result: Dict[str, Any], model: Optional[nn.Module] = None) -> Optional[Path]:
-    """``out/results.json`` (and ``out/model.pt``, the state_dict, when a model is given),
-    from the main process only (under ``accelerate launch`` with several processes)."""
+def write_results(out: Path, result: Dict[str, Any], model: Optional[nn.Module] = None, *,
+                  export_embedding: bool = False) -> Optional[Path]:
+    """``out/results.json`` and ``out/model.pt`` (the state_dict, when a model is given),
+    from the main process only (under ``accelerate launch`` with several processes).
+
+    With ``export_embedding`` and an embedding that has an inference form
+    (``model.embedding.export()``, e.g. DPQ's packed codes and codebook), also
+    ``out/model_compact.pt``: the same model with that form in place of the training
+    table. The results record both files' sizes."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    result = dict(result)
     if model is not None:
         torch.save(model.state_dict(), out / "model.pt")
-        result = dict(result, checkpoint="model.pt")
+        result.update(checkpoint="model.pt", checkpoint_bytes=(out / "model.pt").stat().st_size)
+        export = getattr(getattr(model, "embedding", None), "export", None)
+        if export_embedding and callable(export):
+            compact = copy.deepcopy(model)
+            compact.embedding = export()
+            torch.save(compact.state_dict(), out / "model_compact.pt")
+            result.update(compact_checkpoint="model_compact.pt",
+                          compact_checkpoint_bytes=(out / "model_compact.pt").stat().st_size)
     path = out / "results.json"
     path.write_text(json.dumps(result, indent=2, sort_keys=True))
     return path
-
 
 
 def base_result(task: str, dataset: str, scale: str, spec: compemb.EmbeddingSpec,
