@@ -443,6 +443,9 @@ def test_compressed_embedding_and_softmax_train(variant, output):
     assert isinstance(out, compemb.OutputLayer) and out.tied == (output == "tied")
     assert (out.table is table) == (output == "tied")
     assert type(table).__name__ != "Embedding" and table.storage().ratio > 1
+    if variant.startswith("dpq"):  # fresh DPQ values are scaled to the dense tables' init_std
+        with torch.no_grad():
+            assert 0.2 * 0.02 < float(table.materialize().std()) < 5 * 0.02
     names = [n for n, _ in model.named_parameters()]
     own_table = any(n.startswith("crit.out_layers.0.") and n != "crit.out_layers.0.bias" for n in names)
     assert own_table == (output == "untied")

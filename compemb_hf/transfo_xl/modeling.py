@@ -316,7 +316,8 @@ class TransfoXLModel(TransfoXLPreTrainedModel):
         self.pos_emb = PositionalEmbedding(config.d_model)
         if config.compressed_embedding is not None:
             spec, _, dense_below = split_compressed_embedding(config.compressed_embedding)
-            self.word_emb.emb_layers = _compressed_tables(self.word_emb, spec, dense_below, from_dense=False)
+            self.word_emb.emb_layers = _compressed_tables(self.word_emb, spec, dense_below, from_dense=False,
+                                                          init_std=config.init_std)
         self.post_init()
 
     def _own_tied_weights(self) -> Dict[str, str]:
@@ -428,7 +429,8 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
         if config.compressed_embedding is not None:
             spec, output, dense_below = split_compressed_embedding(config.compressed_embedding)
             self.crit.out_layers = _compressed_outputs(self.crit, self.transformer.word_emb, spec,
-                                                       output, dense_below, from_dense=False)
+                                                       output, dense_below, from_dense=False,
+                                                       init_std=config.init_std)
         self._tie_structure()
         self.post_init()
 
@@ -542,9 +544,11 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
                              f"{self.config.compressed_embedding}); start from a dense model")
         spec_obj, output, dense_below = split_compressed_embedding(
             {**spec_dict, "output": output, "dense_below": dense_below})
-        new_tables = _compressed_tables(emb, spec_obj, dense_below, from_dense=from_dense)
+        new_tables = _compressed_tables(emb, spec_obj, dense_below, from_dense=from_dense,
+                                        init_std=self.config.init_std)
         new_outputs = _compressed_outputs(self.crit, emb, spec_obj, output, dense_below,
-                                          from_dense=from_dense, new_tables=new_tables)
+                                          from_dense=from_dense, new_tables=new_tables,
+                                          init_std=self.config.init_std)
         new_tables.train(self.training)
         new_outputs.train(self.training)
         # all built: swap
@@ -614,25 +618,34 @@ def _should_compress(layer: nn.Module, dense_entries: int, dense_below: int) -> 
     return sum(p.numel() for p in layer.parameters()) < dense_entries
 
 
-def _build_table(spec, weight: Tensor, from_dense: bool) -> nn.Module:
+def _build_table(spec, weight: Tensor, from_dense: bool, init_std: float = 0.02) -> nn.Module:
+    """A compemb layer for ``weight``'s table: compressed from it, or freshly built. A
+    fresh DPQ layer (N(0, 1) values) is scaled to the model's ``init_std`` like the dense
+    tables (a common scale of query, keys and values leaves its codes unchanged); TT/TR
+    keep their own (Glorot-like) initialisation."""
     from compemb import build_embedding, compress_embedding
 
     if from_dense:
         layer = compress_embedding(spec, weight.detach().float())
     else:
         layer = build_embedding(spec, weight.shape[0], weight.shape[1])
+        if spec.method == "dpq":
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.mul_(init_std)
     if weight.device.type != "meta":
         layer = layer.to(device=weight.device)
     return layer
 
 
-def _compressed_tables(emb: AdaptiveEmbedding, spec, dense_below: int, from_dense: bool) -> nn.ModuleList:
+def _compressed_tables(emb: AdaptiveEmbedding, spec, dense_below: int, from_dense: bool,
+                       init_std: float = 0.02) -> nn.ModuleList:
     """One layer per cluster: compressed, or the existing dense table (see the rule in
     ``apply_compressed_embedding``)."""
     tables = nn.ModuleList()
     for i, dense in enumerate(emb.emb_layers):
         try:
-            layer = _build_table(spec, dense.weight, from_dense)
+            layer = _build_table(spec, dense.weight, from_dense, init_std)
         except ValueError as err:
             raise ValueError(f"compressed_embedding cannot compress cluster {i} of the adaptive "
                              f"input ({dense.weight.shape[0]} x {dense.weight.shape[1]}): {err}; "
@@ -642,8 +655,8 @@ def _compressed_tables(emb: AdaptiveEmbedding, spec, dense_below: int, from_dens
 
 
 def _compressed_outputs(crit: ProjectedAdaptiveLogSoftmax, emb: AdaptiveEmbedding, spec, output: str,
-                        dense_below: int, from_dense: bool,
-                        new_tables: Optional[nn.ModuleList] = None) -> nn.ModuleList:
+                        dense_below: int, from_dense: bool, new_tables: Optional[nn.ModuleList] = None,
+                        init_std: float = 0.02) -> nn.ModuleList:
     """The softmax layers matching ``output`` for the compressed input tables."""
     from compemb import OutputLayer
 
@@ -655,7 +668,7 @@ def _compressed_outputs(crit: ProjectedAdaptiveLogSoftmax, emb: AdaptiveEmbeddin
             layer = OutputLayer(tables[i], bias=True, tied=True)
         elif output == "untied":
             try:
-                table = _build_table(spec, dense.weight, from_dense)
+                table = _build_table(spec, dense.weight, from_dense, init_std)
             except ValueError as err:
                 raise ValueError(f"compressed_embedding cannot compress softmax cluster {i} "
                                  f"({tuple(dense.weight.shape)}): {err}") from err
