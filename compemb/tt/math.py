@@ -1,0 +1,470 @@
+"""Pure tensor math for Tensor-Train (TT) and Tensor-Ring (TR) embedding tables.
+
+No parameters and no modules here: shape choice, the mixed-radix index split, the core
+contractions (rows, whole table, logits), TT-SVD / TR-SVD and the init scale.
+
+Conventions (used by every function below and by the layers):
+
+* A table ``W [V, J]`` is a TT-matrix of shape ``(I1..IN) x (J1..JN)`` with
+  ``prod(Ik) >= V`` (rows ``V..prod(Ik)-1`` are padding that is never returned) and
+  ``prod(Jk) == J``.
+* ``ranks`` is the full tuple ``(R0, R1, .., RN)``; core ``k`` (0-based) has shape
+  ``(ranks[k], Ik, Jk, ranks[k+1])``. TT: ``R0 == RN == 1``. TR (ring): ``R0 == RN``,
+  and an element is the trace of the product of the slices.
+* Row index ``i`` is split row-major: ``i1`` is the most significant digit
+  (``i = ((i1*I2 + i2)*I3 + i3)...``), so neighbouring ids, and the frequent small ids of
+  a frequency-sorted vocabulary, share their leading digits ``(i1, i2, ..)``.
+* Column index ``j`` is split column-major: ``j1`` is the least significant digit
+  (``j = ((jN*J_{N-1} + j_{N-1})*...)*J1 + j1``). With this pairing the prefix product
+  ``G1[i1]..Gk[ik]`` is a matrix ``(Rk, J_k..J_1)`` and each further core is one matrix
+  product on the left, with no transposes, and the whole table comes out of the last
+  product already in row order.
+
+    W[i, j] = trace( G1[:, i1, j1, :] @ G2[:, i2, j2, :] @ ... @ GN[:, iN, jN, :] )
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Shape", "factorizations", "choose_row_factors", "choose_col_factors",
+    "choose_shape", "check_shape", "full_ranks", "core_shapes", "num_parameters",
+    "init_std", "index_digits", "prefix_tree", "gather_rows", "full_table",
+    "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
+    "suggest_dims",
+]
+
+Shape = Tuple[Tuple[int, ...], Tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------- shapes
+def factorizations(n: int, num_factors: int, min_factor: int = 2) -> List[Tuple[int, ...]]:
+    """All non-decreasing tuples of ``num_factors`` integers >= ``min_factor`` whose
+    product is exactly ``n``."""
+    out: List[Tuple[int, ...]] = []
+
+    def rec(rest: int, k: int, lo: int, acc: Tuple[int, ...]) -> None:
+        if k == 1:
+            if rest >= lo:
+                out.append(acc + (rest,))
+            return
+        f = lo
+        while f ** k <= rest:
+            if rest % f == 0:
+                rec(rest // f, k - 1, f, acc + (f,))
+            f += 1
+
+    if n >= 1 and num_factors >= 1:
+        rec(n, num_factors, max(1, min_factor), ())
+    return out
+
+
+def choose_col_factors(embedding_dim: int, num_factors: int) -> Optional[Tuple[int, ...]]:
+    """The most balanced exact split ``J = J1*..*JN`` with every ``Jk >= 2`` (ascending),
+    or ``None`` when there is none (``J`` has fewer than ``N`` prime factors)."""
+    cands = factorizations(embedding_dim, num_factors, min_factor=2)
+    if not cands:
+        return None
+    return min(cands, key=lambda t: (t[-1] / t[0], t[-1]))
+
+
+def choose_row_factors(num_embeddings: int, num_factors: int) -> Tuple[int, ...]:
+    """Near-equal ``I1 <= .. <= IN`` with ``prod >= V`` and the least padding.
+
+    "Near-equal": largest/smallest factor at most 1.5 (when some such tuple exists);
+    among those the least padding ``prod - V`` wins, ties going to the more equal tuple.
+    (Padding costs no parameters but near-equal factors minimise the core sizes.)
+    """
+    v, n = int(num_embeddings), int(num_factors)
+    if n == 1:
+        return (v,)
+    base = v ** (1.0 / n)
+    lo, hi = max(1, int(base / 1.6)), int(math.ceil(base * 1.6)) + 1
+    best = None
+    for head in itertools.combinations_with_replacement(range(lo, hi + 1), n - 1):
+        p = math.prod(head)
+        last = max(head[-1], -(-v // p))
+        t = head + (last,)
+        key = (t[-1] / t[0] > 1.5, math.prod(t), t[-1] / t[0])
+        if best is None or key < best[0]:
+            best = (key, t)
+    assert best is not None
+    return best[1]
+
+
+def suggest_dims(embedding_dim: int, num_factors: int) -> Tuple[List[int], List[int]]:
+    """Nearby embedding dims that split into ``num_factors`` factors >= 2, and the
+    numbers of factors that ``embedding_dim`` itself allows (for error messages)."""
+    near: List[int] = []
+    for d in range(1, embedding_dim + 1):
+        for c in (embedding_dim - d, embedding_dim + d):
+            if c >= 2 ** num_factors and choose_col_factors(c, num_factors) is not None:
+                near.append(c)
+        if len(near) >= 2:
+            break
+    counts = [k for k in range(2, 7) if choose_col_factors(embedding_dim, k) is not None]
+    return sorted(near), counts
+
+
+def choose_shape(num_embeddings: int, embedding_dim: int, num_factors: int) -> Shape:
+    """Automatic TT shape ``((I1..IN), (J1..JN))``; ``ValueError`` (naming
+    ``embedding_dim`` and suggesting what works) when ``J`` cannot be split."""
+    cols = choose_col_factors(embedding_dim, num_factors)
+    if cols is None:
+        near, counts = suggest_dims(embedding_dim, num_factors)
+        alt = (f", or num_factors in {counts}" if counts else "")
+        raise ValueError(
+            f"embedding_dim={embedding_dim} cannot be split into num_factors={num_factors} "
+            f"factors >= 2; use an embedding_dim that can (e.g. {' or '.join(map(str, near))})"
+            f"{alt}, or give shape=((I1..IN), (J1..JN)) yourself")
+    return choose_row_factors(num_embeddings, num_factors), cols
+
+
+def check_shape(shape: object, num_embeddings: int, embedding_dim: int) -> Shape:
+    """Validate a user shape ``((I1..IN), (J1..JN))`` against ``V x J``."""
+    try:
+        rows, cols = shape  # type: ignore[misc]
+        rows, cols = tuple(rows), tuple(cols)
+        ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in rows + cols)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or len(rows) != len(cols) or len(rows) < 2:
+        raise ValueError(
+            f"shape must be ((I1, .., IN), (J1, .., JN)): two tuples of N >= 2 positive ints, "
+            f"got {shape!r}; e.g. ((25, 30, 40), (4, 8, 8)) for a 25000 x 256 table")
+    if math.prod(rows) < num_embeddings:
+        raise ValueError(
+            f"shape rows {rows} multiply to {math.prod(rows)} < num_embeddings={num_embeddings}; "
+            f"the row factors must cover the vocabulary, e.g. "
+            f"{choose_row_factors(num_embeddings, len(rows))}")
+    if math.prod(cols) != embedding_dim:
+        good = choose_col_factors(embedding_dim, len(cols))
+        raise ValueError(
+            f"shape columns {cols} multiply to {math.prod(cols)} but embedding_dim={embedding_dim}; "
+            f"their product must equal embedding_dim" + (f", e.g. {good}" if good else ""))
+    return rows, cols
+
+
+def full_ranks(rank: Union[int, Sequence[int]], num_factors: int, ring: bool) -> Tuple[int, ...]:
+    """``(R0..RN)`` from a validated rank (see :class:`compemb.tt.TTConfig`).
+
+    TT: ``rank`` is an int or the ``N-1`` inner ranks ``(R1..R_{N-1})``; ``R0 = RN = 1``.
+    TR: an int or the ``N`` ranks ``(R0..R_{N-1})``; ``RN = R0``."""
+    want = num_factors if ring else num_factors - 1
+    inner = (int(rank),) * want if isinstance(rank, int) else tuple(int(r) for r in rank)
+    assert len(inner) == want, (rank, num_factors, ring)
+    return inner + (inner[0],) if ring else (1,) + inner + (1,)
+
+
+def core_shapes(shape: Shape, ranks: Sequence[int]) -> List[Tuple[int, int, int, int]]:
+    rows, cols = shape
+    return [(ranks[k], rows[k], cols[k], ranks[k + 1]) for k in range(len(rows))]
+
+
+def num_parameters(shape: Shape, ranks: Sequence[int]) -> int:
+    return sum(math.prod(s) for s in core_shapes(shape, ranks))
+
+
+def shape_string(shape: Shape, ranks: Sequence[int], ring: bool) -> str:
+    """``"(25,30,40)x(4,8,8) r=16"`` (or ``r=(8,16)`` for unequal ranks)."""
+    rows, cols = shape
+    inner = ranks[:-1] if ring else ranks[1:-1]
+    r = str(inner[0]) if len(set(inner)) == 1 else "(" + ",".join(map(str, inner)) + ")"
+    return f"({','.join(map(str, rows))})x({','.join(map(str, cols))}) r={r}"
+
+
+def init_std(num_embeddings: int, embedding_dim: int, ranks: Sequence[int], ring: bool,
+             variance: Optional[float] = None) -> float:
+    """Std of every core element so that the table has ``variance`` (Glorot,
+    ``2/(V+J)``, by default): paper eq. (2) for any ranks.
+
+    An element is a sum over ``prod(bond ranks)`` products of ``N`` independent zero-mean
+    core elements, so its variance is ``prod(R) * s^(2N)``; hence
+    ``s^2 = (variance / prod(R))^(1/N)``. The bonds are ``R1..R_{N-1}`` for TT and
+    additionally ``R0`` for TR."""
+    n = len(ranks) - 1
+    var = 2.0 / (num_embeddings + embedding_dim) if variance is None else variance
+    bonds = math.prod(ranks[:-1]) if ring else math.prod(ranks[1:-1])
+    return (var / bonds) ** (1.0 / (2 * n))
+
+
+# ----------------------------------------------------------------------------- indices
+def index_digits(index: Tensor, row_factors: Sequence[int]) -> List[Tensor]:
+    """Mixed-radix split of row ids (row-major, ``i1`` most significant):
+    ``index [...] -> [d1, .., dN]``, each ``[...]`` with ``0 <= dk < Ik``."""
+    digits = []
+    rest = index
+    for f in reversed(row_factors[1:]):
+        digits.append(rest % f)
+        rest = torch.div(rest, f, rounding_mode="floor")
+    digits.append(rest)
+    return digits[::-1]
+
+
+def prefix_tree(ids: Tensor, row_factors: Sequence[int], share: bool = True
+                ) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+    """The prefix tree of a set of row ids, for sharing work between rows.
+
+    ``ids [U]`` (sorted and distinct when ``share``). Returns ``digits`` and ``parents``,
+    one entry per level ``k = 0..N-1``: level ``k`` holds the distinct prefixes
+    ``(i1..i_{k+1})`` present, ``digits[k] [n_k]`` their last digit and
+    ``parents[k] [n_k]`` the position of their own prefix in level ``k-1``
+    (``parents[0]`` is ``None``). The last level is ``ids`` itself.
+
+    With ``share=False`` every id keeps its own chain (no ``unique``: static shapes,
+    for ``torch.compile``); ``parents[k]`` is then ``None`` (identity)."""
+    n = len(row_factors)
+    digits: List[Tensor] = [ids] * n
+    parents: List[Optional[Tensor]] = [None] * n
+    cur = ids
+    for k in range(n - 1, 0, -1):
+        f = row_factors[k]
+        digits[k] = cur % f
+        prefix = torch.div(cur, f, rounding_mode="floor")
+        if share:
+            cur, parents[k] = torch.unique_consecutive(prefix, return_inverse=True)
+        else:
+            cur = prefix
+    digits[0] = cur
+    return digits, parents
+
+
+# ----------------------------------------------------------------------------- contractions
+def _first_operand(core: Tensor) -> Tensor:
+    """Core 0 ``(R0, I1, J1, R1)`` -> ``[I1, R1, J1*R0]`` (prefix of length 1)."""
+    r0, i1, j1, r1 = core.shape
+    return core.permute(1, 3, 2, 0).reshape(i1, r1, j1 * r0)
+
+
+def _middle_operand(core: Tensor) -> Tensor:
+    """Core k ``(Rk-1, Ik, Jk, Rk)`` -> ``[Ik, Rk*Jk, Rk-1]``: left factor of a prefix."""
+    a, i, j, b = core.shape
+    return core.permute(1, 3, 2, 0).reshape(i, b * j, a)
+
+
+def _last_operand(core: Tensor, r0: int) -> Tensor:
+    """Last core ``(R_{N-1}, IN, JN, R0)`` -> ``[IN, JN, R_{N-1}*R0]`` (the trace over
+    ``R0`` is folded into the contraction; ``R0 == 1`` for TT)."""
+    a, i, j, b = core.shape
+    return core.permute(1, 2, 0, 3).reshape(i, j, a * b)
+
+
+def _close_prefix(prefix: Tensor, r0: int) -> Tensor:
+    """``[n, R, J'*R0] -> [n, R*R0, J']``: move the ring index next to the bond index."""
+    n, r, x = prefix.shape
+    if r0 == 1:
+        return prefix
+    return prefix.view(n, r, x // r0, r0).transpose(2, 3).reshape(n, r * r0, x // r0)
+
+
+def _take(t: Tensor, index: Optional[Tensor]) -> Tensor:
+    return t if index is None else t.index_select(0, index)
+
+
+class _BroadcastBmm(torch.autograd.Function):
+    """``out[b] = a @ x[b]``: ``a [M, K]``, ``x [n, K, N]`` -> ``[n, M, N]``.
+
+    One batched product with ``a`` broadcast (no copy); the backward gives ``a``'s gradient
+    as one contraction over ``(b, N)`` instead of autograd's ``[n, M, K]`` intermediate."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, x)
+        return torch.bmm(a.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, x = ctx.saved_tensors
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.einsum("bmn,bkn->mk", grad, x)
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(a.t().unsqueeze(0).expand(x.shape[0], -1, -1), grad)
+        return grad_a, grad_x
+
+
+def broadcast_bmm(a: Tensor, x: Tensor) -> Tensor:
+    """``a [M, K]`` times every ``x[b] [K, N]`` -> ``[n, M, N]``."""
+    return _BroadcastBmm.apply(a, x)
+
+
+def _next_level(core: Tensor, prefix: Tensor, digits: Tensor, parents: Optional[Tensor],
+                dense: bool) -> Tensor:
+    """Prefixes one core longer. ``prefix [n, R_{k-1}, X]`` -> ``[m, R_k, J_k*X]``.
+
+    ``dense``: every child ``(p, ik)`` of every prefix, ``m = n*Ik`` (child ``(p, ik)`` at
+    row ``p*Ik + ik``), one broadcast product with the whole core. Otherwise only the
+    ``m = len(digits)`` children asked for, each with its own core slice (a gather)."""
+    left = _middle_operand(core)  # [Ik, Rk*Jk, Rk-1]
+    i_k, rows, r_prev = left.shape
+    if dense:  # one GEMM [Ik*Rk*Jk, Rk-1] @ [Rk-1, n*X], then rows back in prefix order
+        n, _, x = prefix.shape
+        flat = prefix.transpose(0, 1).reshape(r_prev, n * x)
+        out = (left.reshape(i_k * rows, r_prev) @ flat).view(i_k * rows, n, x).transpose(0, 1)
+    else:
+        out = torch.bmm(left.index_select(0, digits), _take(prefix, parents))
+    return out.reshape(-1, core.shape[3], out.shape[-1] * core.shape[2])
+
+
+def gather_rows(cores: Sequence[Tensor], ids: Tensor, row_factors: Sequence[int],
+                share: bool = True) -> Tensor:
+    """Rows ``ids [U] -> [U, J]`` of the table, computed from the cores.
+
+    With ``share`` the ids must be sorted and distinct (``torch.unique``); each distinct
+    prefix ``(i1..ik)`` is then contracted once and reused by every row below it. A middle
+    level where most children of the present prefixes are present anyway (at most 4x
+    more) is computed for all children in one product with the whole core (no gather of
+    core slices). The last level, ``J * R_{N-1} * R0`` multiply-adds per row, is one
+    batched product over the rows."""
+    r0 = cores[0].shape[0]
+    digits, parents = prefix_tree(ids, row_factors, share)
+    n = len(cores)
+    prefix = _first_operand(cores[0]).index_select(0, digits[0])  # [n0, R1, J1*R0]
+    for k in range(1, n - 1):
+        dense = share and prefix.shape[0] * row_factors[k] <= 4 * digits[k].shape[0]
+        prefix = _next_level(cores[k], prefix, digits[k], parents[k], dense)
+        if dense:  # level-k entry e sits at row parents[k][e]*Ik + digits[k][e]
+            slot = parents[k] * row_factors[k] + digits[k]
+            parents[k + 1] = slot.index_select(0, parents[k + 1])
+    prefix = _close_prefix(prefix, r0)  # [n, R*R0, J']
+    last = _last_operand(cores[-1], r0).index_select(0, digits[-1])  # [U, JN, R*R0]
+    rows = torch.bmm(last, _take(prefix, parents[-1]))  # [U, JN, J']
+    return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2])
+
+
+def _all_prefixes(cores: Sequence[Tensor], upto: int) -> Tensor:
+    """Every prefix product of cores ``0..upto-1``: ``[I1*..*I_upto, R_upto, J'*R0]``."""
+    prefix = _first_operand(cores[0])
+    for k in range(1, upto):
+        prefix = _next_level(cores[k], prefix, prefix, None, dense=True)
+    return prefix
+
+
+def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
+    """The whole ``[V, J]`` table (first ``V`` rows of the TT-matrix)."""
+    r0 = cores[0].shape[0]
+    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, R*R0, J']
+    last = _last_operand(cores[-1], r0)  # [IN, JN, R*R0]
+    i_n, j_n, rr = last.shape
+    out = broadcast_bmm(last.reshape(i_n * j_n, rr), prefix)  # [P, IN*JN, J']
+    return out.view(-1, j_n * prefix.shape[2])[:num_embeddings]
+
+
+def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int) -> Tensor:
+    """``hidden [B, J] @ W.T -> [B, V]`` without building ``W``.
+
+    Prefix products of all but the last core (``V/IN`` matrices ``[R*R0, J']``) are built
+    once; the hidden states are contracted with the last core
+    (``T[b, iN, (r, r0), J'] = sum_jN h[b, jN, J'] * G_N[r, iN, jN, r0]``) and the
+    logits are ``sum P[p, (r, r0), J'] * T[b, iN, (r, r0), J']``: one batched product that
+    writes ``[B, V]`` in row order."""
+    r0 = cores[0].shape[0]
+    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, K, J']
+    n_pre, k_dim, j_rest = prefix.shape
+    last = _last_operand(cores[-1], r0)  # [IN, JN, K]
+    i_n, j_n, _ = last.shape
+    b = hidden.shape[0]
+    h = hidden.reshape(b, j_n, j_rest)
+    # t[b, iN, K, J'] = sum_jN last[iN, jN, K] * h[b, jN, J']
+    t = torch.matmul(last.transpose(1, 2).reshape(1, i_n * k_dim, j_n), h)  # [B, IN*K, J']
+    t = t.view(b, i_n, k_dim * j_rest)
+    out = broadcast_bmm(prefix.reshape(n_pre, k_dim * j_rest), t.transpose(1, 2))  # [B, P, IN]
+    return out.reshape(b, n_pre * i_n)[:, :num_embeddings]
+
+
+def logits_costs(shape: Shape, ranks: Sequence[int], batch: int) -> Tuple[float, float]:
+    """Multiply-adds of the two logits paths for ``batch`` hidden vectors:
+    ``(materialize + GEMM, contraction through the cores)``."""
+    rows, cols = shape
+    v, j = math.prod(rows), math.prod(cols)
+    r0, r_last = ranks[0], ranks[-2]
+    prefixes = 0.0
+    count, jp = rows[0], cols[0]
+    for k in range(1, len(rows) - 1):
+        count *= rows[k]
+        prefixes += count * ranks[k] * ranks[k + 1] * jp * cols[k] * r0
+        jp *= cols[k]
+    dense = prefixes + v * j * r_last * r0 + batch * v * j
+    through = prefixes + batch * rows[-1] * j * r_last * r0 + batch * v * (j // cols[-1]) * r_last * r0
+    return dense, through
+
+
+# ----------------------------------------------------------------------------- decompositions
+def to_modes(weight: Tensor, shape: Shape) -> Tensor:
+    """``[V, J]`` (zero-padded to ``prod(Ik)`` rows) -> ``[I1*J1, .., IN*JN]`` in this
+    module's index convention."""
+    rows, cols = shape
+    n = len(rows)
+    v_pad = math.prod(rows)
+    w = weight
+    if w.shape[0] < v_pad:
+        w = torch.cat([w, w.new_zeros(v_pad - w.shape[0], w.shape[1])])
+    t = w.reshape(*rows, *cols[::-1])  # (i1..iN, jN..j1)
+    perm = []
+    for k in range(n):
+        perm += [k, 2 * n - 1 - k]  # (i1, j1, i2, j2, ...)
+    return t.permute(*perm).reshape([rows[k] * cols[k] for k in range(n)])
+
+
+def _truncated_svd(mat: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
+    """``mat ~= left @ right`` with ``left`` having ``rank`` orthonormal columns
+    (zero columns when ``mat`` has lower rank)."""
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    k = min(rank, s.shape[0])
+    left, right = u[:, :k], s[:k, None] * vh[:k]
+    if k < rank:
+        left = torch.cat([left, left.new_zeros(left.shape[0], rank - k)], 1)
+        right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], 0)
+    return left, right
+
+
+def tt_svd(weight: Tensor, shape: Shape, ranks: Sequence[int]) -> List[Tensor]:
+    """TT-SVD (Oseledets 2011, Alg. 1) of a ``[V, J]`` table into cores of exactly
+    ``ranks`` (``R0 = RN = 1``; ranks above what the data needs are zero-padded).
+
+    A sweep of truncated SVDs of the unfoldings; the error obeys
+    ``max_k e_k <= ||W - TT|| <= sqrt(sum_k e_k^2)``, ``e_k`` being the best rank-``R_k``
+    error of the ``k``-th unfolding. Full ranks reproduce ``W`` to float error."""
+    rows, cols = shape
+    n = len(rows)
+    x = to_modes(weight, shape)
+    cores = []
+    rest = x.reshape(1, -1)
+    for k in range(n - 1):
+        mat = rest.reshape(ranks[k] * rows[k] * cols[k], -1)
+        left, rest = _truncated_svd(mat, ranks[k + 1])
+        cores.append(left.reshape(ranks[k], rows[k], cols[k], ranks[k + 1]))
+    cores.append(rest.reshape(ranks[n - 1], rows[-1], cols[-1], 1))
+    return cores
+
+
+def tr_svd(weight: Tensor, shape: Shape, ranks: Sequence[int]) -> List[Tensor]:
+    """TR-SVD (Zhao et al. 2016, Alg. 1) of a ``[V, J]`` table into ring cores of
+    ``ranks = (R0, .., R_{N-1}, R0)``.
+
+    The first unfolding is truncated to rank ``R0*R1`` and its left factor split into
+    ``(R0, R1)``; the ring index ``r0`` is then moved to the end and the remainder is
+    decomposed by a TT-SVD sweep ending in ``(R_{N-1}, IN*JN, R0)``. Full ranks reproduce
+    ``W`` exactly; the error of a truncation is at least the best rank-``R0*Rk`` error of
+    each unfolding (a ring cut at two bonds has that rank)."""
+    rows, cols = shape
+    n = len(rows)
+    x = to_modes(weight, shape)
+    r0 = ranks[0]
+    modes = [rows[k] * cols[k] for k in range(n)]
+    left, rest = _truncated_svd(x.reshape(modes[0], -1), r0 * ranks[1])
+    cores = [left.reshape(modes[0], r0, ranks[1]).permute(1, 0, 2)
+             .reshape(r0, rows[0], cols[0], ranks[1])]
+    # rest [(r0, r1), m2..mN] -> [r1, m2..mN, r0]
+    rest = rest.reshape(r0, ranks[1], -1).permute(1, 2, 0).reshape(ranks[1], -1)
+    for k in range(1, n - 1):
+        mat = rest.reshape(ranks[k] * modes[k], -1)
+        left, rest = _truncated_svd(mat, ranks[k + 1])
+        cores.append(left.reshape(ranks[k], rows[k], cols[k], ranks[k + 1]))
+    cores.append(rest.reshape(ranks[n - 1], rows[-1], cols[-1], r0))
+    return [c.contiguous() for c in cores]
