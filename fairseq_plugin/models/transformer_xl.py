@@ -155,24 +155,20 @@ class CompembTransformerXLDecoder(FairseqIncrementalDecoder):
                                        [m.index_select(1, new_order) for m in mems])
 
 
+def _defaults(args, **values) -> None:
+    """Set each of ``values`` on ``args`` unless the command line gave it."""
+    for name, value in values.items():
+        setattr(args, name, safe_getattr(args, name, value))
+
+
 @register_model_architecture("compemb_transformer_xl", "compemb_transformer_xl_wt103_base")
 def compemb_transformer_xl_wt103_base(args):
     """The base WikiText-103 model of the paper (16 layers, 410, 10 heads of 41, ffn 2100)."""
-    args.n_layer = safe_getattr(args, "n_layer", 16)
-    args.d_model = safe_getattr(args, "d_model", 410)
-    args.n_head = safe_getattr(args, "n_head", 10)
-    args.d_head = safe_getattr(args, "d_head", 41)
-    args.d_inner = safe_getattr(args, "d_inner", 2100)
-    args.dropout = safe_getattr(args, "dropout", 0.1)
-    args.mem_len = safe_getattr(args, "mem_len", 150)
+    _defaults(args, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
+              mem_len=150)
 
 
 @register_model_architecture("compemb_transformer_xl", "compemb_transformer_xl_tiny")
 def compemb_transformer_xl_tiny(args):
     """2 layers of width 32, for tests and CPU runs."""
-    args.n_layer = safe_getattr(args, "n_layer", 2)
-    args.d_model = safe_getattr(args, "d_model", 32)
-    args.n_head = safe_getattr(args, "n_head", 2)
-    args.d_head = safe_getattr(args, "d_head", 16)
-    args.d_inner = safe_getattr(args, "d_inner", 64)
-    args.mem_len = safe_getattr(args, "mem_len", 16)
+    _defaults(args, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16)
