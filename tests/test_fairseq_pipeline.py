@@ -1,0 +1,194 @@
+"""The fairseq plugin end to end, on toy data made here and binarised with
+fairseq-preprocess: train, resume from checkpoint_last.pt, generate / eval-lm /
+validate, for each model with TT and DPQ and each softmax mode (one pipeline per
+combination listed in PIPELINES; every other combination is built in
+test_fairseq_plugin.py). The fairseq entry points run in this process (their ``main``
+functions, as the console scripts call them), with torch's default safe loading.
+"""
+import contextlib
+import logging
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fairseq")  # installed by scripts/install_fairseq.sh (./dev.sh, CI)
+
+import torch  # noqa: E402
+
+import compemb  # noqa: E402
+import fairseq_plugin  # noqa: E402,F401
+from fairseq import checkpoint_utils, options  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq_cli import eval_lm, generate, preprocess, train, validate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+PLUGIN = str(ROOT / "fairseq_plugin")
+WORDS = [f"w{i}" for i in range(20)]
+COMMON = ["--user-dir", PLUGIN, "--cpu", "--num-workers", "0", "--seed", "1",
+          "--no-progress-bar", "--log-format", "simple", "--log-interval", "1000",
+          "--required-batch-size-multiple", "1"]  # fairseq-fixed drops a last partial batch
+TRAIN = ["--optimizer", "adam", "--lr", "0.005", "--dropout", "0", "--max-tokens", "600",
+         "--no-epoch-checkpoints"]
+METHOD_FLAGS = {"tt": ["--emb-method", "tt", "--emb-rank", "8"],
+                "dpq": ["--emb-method", "dpq", "--emb-codes", "16", "--emb-groups", "16"]}
+
+
+def _sentences(rng, n):
+    return [[rng.choice(WORDS) for _ in range(rng.randint(3, 6))] for _ in range(n)]
+
+
+def _preprocess(argv):
+    preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """Reverse-the-sentence translation data and LM data, binarised."""
+    root = tmp_path_factory.mktemp("fsq")
+    rng = random.Random(0)
+    splits = {"train": 300, "valid": 30, "test": 12}
+    for split, n in splits.items():
+        sents = _sentences(rng, n)
+        (root / f"{split}.src").write_text("".join(" ".join(s) + "\n" for s in sents))
+        (root / f"{split}.tgt").write_text("".join(" ".join(s[::-1]) + "\n" for s in sents))
+        # LM: counting sequences from a random start, a pattern a tiny model learns
+        lm = []
+        for _ in range(n):
+            a, k = rng.randrange(len(WORDS)), rng.randint(4, 8)
+            lm.append(" ".join(WORDS[(a + i) % len(WORDS)] for i in range(k)))
+        (root / f"lm.{split}").write_text("\n".join(lm) + "\n")
+    _preprocess(["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+                 "--trainpref", str(root / "train"), "--validpref", str(root / "valid"),
+                 "--testpref", str(root / "test"), "--destdir", str(root / "mt"),
+                 "--workers", "1"])
+    _preprocess(["--only-source", "--trainpref", str(root / "lm.train"),
+                 "--validpref", str(root / "lm.valid"), "--testpref", str(root / "lm.test"),
+                 "--destdir", str(root / "lm"), "--workers", "1"])
+    return root
+
+
+@contextlib.contextmanager
+def _progress_messages():
+    """The messages of fairseq's progress bar (where validate prints its loss).
+    fairseq_cli.validate replaces the root logger's handlers (utils.reset_logging): they
+    are put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    progress = logging.getLogger("fairseq.logging.progress_bar")
+    handler = Collect(logging.INFO)
+    progress.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        progress.removeHandler(handler)
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+
+
+def fairseq_train(argv):
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    train.main(convert_namespace_to_omegaconf(args))
+
+
+def _val_loss(path):
+    return torch.load(path)["extra_state"]["val_loss"]
+
+
+def _updates(path):
+    return torch.load(path)["optimizer_history"][-1]["num_updates"]
+
+
+MODEL_ARGS = {
+    "translation": ["--task", "translation", "--arch", "compemb_transformer_tiny"],
+    "lm": ["--task", "language_modeling", "--arch", "compemb_transformer_lm_tiny",
+           "--tokens-per-sample", "32"],
+    "roberta": ["--task", "masked_lm", "--criterion", "masked_lm", "--arch",
+                "compemb_roberta_tiny", "--tokens-per-sample", "32"],
+}
+SOFTMAX_ARGS = {"tied": {"translation": ["--share-all-embeddings"], "lm": ["--softmax", "tied"],
+                         "roberta": []},
+                "untied": {"translation": [], "lm": [], "roberta": ["--untie-weights-roberta"]},
+                "dense": {"translation": ["--softmax", "dense"], "lm": ["--softmax", "dense"],
+                          "roberta": ["--softmax", "dense"]}}
+# every model with TT and with DPQ, and every softmax mode for each model
+PIPELINES = [("translation", "tt", "tied"), ("translation", "dpq", "untied"),
+             ("lm", "tt", "untied"), ("lm", "dpq", "dense"),
+             ("roberta", "tt", "dense"), ("roberta", "dpq", "tied"),
+             ("translation", "tt", "dense")]
+
+
+def _data(corpora, model):
+    return str(corpora / ("mt" if model == "translation" else "lm"))
+
+
+@pytest.mark.parametrize("model,method,softmax", PIPELINES,
+                         ids=["-".join(p) for p in PIPELINES])
+def test_train_resume_evaluate(corpora, tmp_path, caplog, model, method, softmax):
+    caplog.set_level(logging.INFO)
+    save = tmp_path / "ck"
+    argv = [_data(corpora, model), *COMMON, *TRAIN, *MODEL_ARGS[model], *METHOD_FLAGS[method],
+            *SOFTMAX_ARGS[softmax][model], "--save-dir", str(save)]
+    fairseq_train(argv + ["--max-epoch", "1"])
+    last = save / "checkpoint_last.pt"
+    first_updates, first_loss = _updates(last), _val_loss(last)
+    assert first_updates > 0
+    reports = [r for r in caplog.records if r.getMessage().startswith("compemb compression report")]
+    assert len(reports) == 1  # printed once, at start
+    state = torch.load(last)  # torch's default: weights_only=True
+    assert state["model"]["_extra_state"]["compemb"]["--softmax"] == softmax
+
+    # resume from checkpoint_last.pt for one more epoch
+    caplog.clear()
+    fairseq_train(argv + ["--max-epoch", "2"])
+    assert any("Loaded checkpoint" in r.getMessage() for r in caplog.records)
+    assert _updates(last) == 2 * first_updates
+    assert _val_loss(last) < first_loss
+
+    # evaluate the checkpoint with the matching fairseq entry point
+    common_eval = [_data(corpora, model), "--user-dir", PLUGIN, "--cpu", "--path", str(last),
+                   "--log-format", "simple"]
+    if model == "translation":
+        parser = options.get_generation_parser()
+        args = options.parse_args_and_arch(parser, common_eval + [
+            "--beam", "2", "--batch-size", "16", "--max-len-b", "10", "--results-path", str(tmp_path / "gen"),
+            "--required-batch-size-multiple", "1"])
+        generate.main(convert_namespace_to_omegaconf(args))
+        out = (tmp_path / "gen" / "generate-test.txt").read_text()
+        assert len(re.findall(r"^H-\d+\t", out, flags=re.M)) == 12  # every test sentence
+    elif model == "lm":
+        parser = options.get_eval_lm_parser()
+        args = options.parse_args_and_arch(parser, common_eval + [
+            "--tokens-per-sample", "32", "--max-tokens", "1000",
+            "--required-batch-size-multiple", "1"])
+        results = eval_lm.main(convert_namespace_to_omegaconf(args))
+        assert 1 < results["perplexity"] < len(WORDS) + 4
+    else:
+        parser = options.get_validation_parser()
+        args = options.parse_args_and_arch(parser, common_eval + [
+            "--task", "masked_lm", "--criterion", "masked_lm", "--tokens-per-sample", "32",
+            "--max-tokens", "1000", "--valid-subset", "valid",
+            "--required-batch-size-multiple", "1"])
+        with _progress_messages() as messages:
+            validate.main(convert_namespace_to_omegaconf(args))
+        losses = [float(m) for msg in messages for m in re.findall(r"\| loss ([0-9.]+) \|", msg)]
+        assert len(losses) == 1 and abs(losses[0] - _val_loss(last)) < 1e-3
