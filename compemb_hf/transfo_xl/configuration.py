@@ -68,8 +68,11 @@ class TransfoXLConfig(PreTrainedConfig):
             (``{"method": "tt", "rank": 8, ...}``) plus ``"output"``: ``"tied"`` (the
             softmax uses the compressed input tables), ``"untied"`` (the softmax has
             compressed tables of its own) or ``"dense"`` (a dense softmax), and
-            ``"dense_below"``: clusters whose table has fewer entries stay dense. The model
-            is built with these layers (see ``apply_compressed_embedding``).
+            ``"dense_below"``: clusters whose table has fewer entries stay dense. With
+            cutoffs, each cluster's table is compressed, except where the compressed
+            layer would not be smaller or (tail clusters) the method cannot take the
+            table's shape: those stay dense (the rule of
+            ``TransfoXLLMHeadModel.apply_compressed_embedding``).
     """
 
     model_type = "compemb-transfo-xl"

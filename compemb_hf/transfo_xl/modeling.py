@@ -528,9 +528,13 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
             output: ``"tied"`` (the softmax uses the compressed input tables plus its
                 own biases), ``"untied"`` (compressed softmax tables of its own) or
                 ``"dense"`` (the softmax stays dense and untied).
-            dense_below: a cluster whose dense table has fewer entries stays dense; a
+            dense_below: a cluster whose dense table has fewer entries stays dense. A
                 cluster also stays dense when the compressed layer would not be smaller
-                than its dense table (``storage().ratio <= 1``).
+                than its dense table (``storage().ratio <= 1``), and a tail cluster when
+                the method cannot take its shape (e.g. TT with 3 factors of a 4-wide
+                table); the head cluster (the whole table without cutoffs) raises
+                ``ValueError`` then. ``compemb.compression_report(model)`` lists what
+                was compressed.
             from_dense: start the compressed tables from the current dense ones
                 (``compemb.compress_embedding``: TT-SVD, k-means, ...); False: fresh init.
 
@@ -644,14 +648,23 @@ def _compressed_tables(emb: AdaptiveEmbedding, spec, dense_below: int, from_dens
     ``apply_compressed_embedding``)."""
     tables = nn.ModuleList()
     for i, dense in enumerate(emb.emb_layers):
-        try:
-            layer = _build_table(spec, dense.weight, from_dense, init_std)
-        except ValueError as err:
-            raise ValueError(f"compressed_embedding cannot compress cluster {i} of the adaptive "
-                             f"input ({dense.weight.shape[0]} x {dense.weight.shape[1]}): {err}; "
-                             f"'dense_below' can keep small clusters dense") from err
-        tables.append(layer if _should_compress(layer, dense.weight.numel(), dense_below) else dense)
+        layer = _try_build(spec, dense.weight, from_dense, init_std, i, "adaptive input")
+        keep = layer is not None and _should_compress(layer, dense.weight.numel(), dense_below)
+        tables.append(layer if keep else dense)
     return tables
+
+
+def _try_build(spec, weight: Tensor, from_dense: bool, init_std: float, cluster: int,
+               what: str) -> Optional[nn.Module]:
+    """The compressed layer of a cluster; None for a tail cluster whose shape the method
+    cannot take (it stays dense); ``ValueError`` naming the cluster for the head."""
+    try:
+        return _build_table(spec, weight, from_dense, init_std)
+    except ValueError as err:
+        if cluster > 0:
+            return None
+        raise ValueError(f"compressed_embedding cannot compress the head cluster of the {what} "
+                         f"({weight.shape[0]} x {weight.shape[1]}): {err}") from err
 
 
 def _compressed_outputs(crit: ProjectedAdaptiveLogSoftmax, emb: AdaptiveEmbedding, spec, output: str,
@@ -667,12 +680,8 @@ def _compressed_outputs(crit: ProjectedAdaptiveLogSoftmax, emb: AdaptiveEmbeddin
         if output == "tied" and compressed_in:
             layer = OutputLayer(tables[i], bias=True, tied=True)
         elif output == "untied":
-            try:
-                table = _build_table(spec, dense.weight, from_dense, init_std)
-            except ValueError as err:
-                raise ValueError(f"compressed_embedding cannot compress softmax cluster {i} "
-                                 f"({tuple(dense.weight.shape)}): {err}") from err
-            if not _should_compress(table, dense.weight.numel(), dense_below):
+            table = _try_build(spec, dense.weight, from_dense, init_std, i, "softmax")
+            if table is None or not _should_compress(table, dense.weight.numel(), dense_below):
                 outs.append(_untied_linear(dense))
                 continue
             layer = OutputLayer(table, bias=True, tied=False)
