@@ -93,6 +93,51 @@ def test_training_forward_and_gradients_match_the_method(variant, shared, paddin
         assert (out[idx == padding] == 0).all()
 
 
+@pytest.mark.parametrize("variant,shared", [("sx", False), ("sx", True), ("vq", False)])
+@pytest.mark.parametrize("distance_norm,temperature", [(False, 1.0), (True, 0.5), (False, 0.3)])
+def test_gradients_without_normalisation_and_with_temperature(variant, shared, distance_norm,
+                                                              temperature):
+    layer = _layer(variant, shared, padding_idx=3, distance_norm=distance_norm,
+                   temperature=temperature)
+    idx = _ids()
+    idx[1, :4] = 3
+    target = torch.randn(*idx.shape, 12, generator=torch.Generator().manual_seed(4))
+    ref_out, ref_loss = _reference(layer, idx, target)
+    ref_grads = torch.autograd.grad(ref_loss, list(layer.parameters()))
+    out = layer(idx)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    (out * target).sum().backward()
+    for (name, p), g in zip(layer.named_parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant,shared", VARIANTS)
+def test_group_blocks_give_the_same_result(variant, shared, monkeypatch):
+    """Scores are processed a few groups at a time; one group per block must give what
+    the method gives (outputs, gradients, running statistics)."""
+    import compemb.dpq.layer as layer_module
+    monkeypatch.setattr(layer_module, "_CHUNK_ELEMENTS", 1)
+    layer = _layer(variant, shared, padding_idx=3, D=4, d=16)
+    idx = _ids()
+    target = torch.randn(*idx.shape, 16, generator=torch.Generator().manual_seed(4))
+    ref_out, ref_loss = _reference(layer, idx, target)
+    ref_grads = torch.autograd.grad(ref_loss, list(layer.parameters()))
+    twin = _layer(variant, shared, padding_idx=3, D=4, d=16)
+    twin(idx)  # one block (the default size holds all groups here)
+    out = layer(idx)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    (out * target).sum().backward()
+    for (name, p), g in zip(layer.named_parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(layer.running_mean, twin.running_mean)
+    torch.testing.assert_close(layer.running_var, twin.running_var)
+    layer.eval()
+    monkeypatch.setattr(layer_module, "_CHUNK_ELEMENTS", 1 << 20)
+    one_block = layer.codes()
+    monkeypatch.setattr(layer_module, "_CHUNK_ELEMENTS", 1)
+    assert torch.equal(layer.codes(), one_block)
+
+
 def test_vq_values_learn_only_through_the_injected_codebook_loss():
     layer = _layer("vq")
     idx = _ids()

@@ -93,10 +93,8 @@ class CodebookEmbedding(nn.Module):
 
     def codes(self) -> Tensor:
         """``LongTensor [V, D]``: the unpacked codes."""
-        positions = torch.arange(self.num_embeddings * self.num_groups,
-                                 device=self.packed_codes.device)
-        return unpack_codes(self.packed_codes, self.bits, positions).view(
-            self.num_embeddings, self.num_groups)
+        rows = torch.arange(self.num_embeddings, device=self.packed_codes.device)
+        return unpack_rows(self.packed_codes, self.bits, self.num_groups, rows).long()
 
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]`` (values' dtype)."""

@@ -12,8 +12,8 @@ from ..report import LayerStorage
 from .codebook import CodebookEmbedding, _check_padding, table_logits
 from .config import DPQConfig
 from .math import (check_groups, code_bits, codebook_index, codebook_storage_bytes,
-                   distributed_world_size, kmeans, normalize_scores,
-                   all_reduce_sum)
+                   distributed_world_size, kmeans, all_reduce_, batch_moments,
+                   normalize_scores, update_running_stats)
 
 __all__ = ["DPQEmbedding"]
 
@@ -114,20 +114,28 @@ class DPQEmbedding(nn.Module):
 
     # ------------------------------------------------------------------ core
 
-    def _scores(self, q: Tensor) -> Tensor:
-        """``q [U, D, s] -> scores [D, U, Kc]`` in float32."""
-        q = q.float().transpose(0, 1)  # [D, U, s]
-        keys = self.keys.float()
-        dots = torch.matmul(q, keys.transpose(1, 2))  # [D, U, Kc]
-        if self.variant == "sx":
-            return dots
-        return 2 * dots - (q * q).sum(-1, keepdim=True) - (keys * keys).sum(-1).unsqueeze(1)
-
-    def _normalise(self, scores: Tensor, weights: Optional[Tensor], training: bool) -> Tensor:
-        if self.running_mean is None:
-            return scores
-        return normalize_scores(scores, weights, self.running_mean, self.running_var,
-                                training, self.momentum, self.eps, training and _synced())
+    @torch.no_grad()
+    def _codes_of(self, q: Tensor, weights: Optional[Tensor], training: bool) -> Tensor:
+        """Codes ``[D, U]`` of queries ``q [D, U, s]`` (float32), without autograd: the
+        argmax of the (normalised) scores, a few groups at a time; in training also
+        updates the running statistics."""
+        keys = self.keys.detach().float()
+        sync = training and _synced()
+        codes = q.new_empty(q.shape[0], q.shape[1], dtype=torch.long)
+        for c in _group_chunks(q.shape[0], q.shape[1], self.num_codes, sync, q.device):
+            k = keys if keys.shape[0] == 1 else keys[c]
+            if self.variant == "sx":
+                scores = torch.matmul(q[c], k.transpose(1, 2))  # [Dc, U, Kc]
+            else:  # -||q - k||^2 = 2 q.k - |q|^2 - |k|^2
+                scores = torch.matmul(q[c], k.transpose(1, 2)).mul_(2)
+                scores.sub_((q[c] * q[c]).sum(-1, keepdim=True)).sub_(
+                    (k * k).sum(-1).unsqueeze(1))
+            if self.running_mean is not None:  # (views: the update lands in the buffers)
+                scores = normalize_scores(scores, weights, self.running_mean[c],
+                                          self.running_var[c], training, self.momentum,
+                                          self.eps, sync)
+            codes[c] = scores.argmax(-1)
+        return codes
 
     def _gather(self, codes: Tensor) -> Tensor:
         """``codes [U, D] -> [U, D, s]`` value rows."""
@@ -139,29 +147,25 @@ class DPQEmbedding(nn.Module):
         tokens each."""
         q = self.query[ids].view(ids.shape[0], self.num_groups, -1)  # [U, D, s]
         with torch.autocast(ids.device.type, enabled=False):
-            scores = self._normalise(self._scores(q), weights, training)
-            codes = scores.argmax(-1).t()  # [U, D]
-            hard = self._gather(codes)  # [U, D, s], exactly the codebook rows
-            if training and self.variant == "sx":
-                prob = torch.softmax(scores / self.config.temperature, dim=-1)  # [D, U, Kc]
-                soft = torch.matmul(prob, self._value_books().detach().float())  # [D, U, s]
-                soft = soft.transpose(0, 1).to(hard.dtype)
-                out = hard + (soft - soft.detach())  # value: hard; gradient: softmax path
-            elif training:
-                count = weights.detach().sum()
-                if _synced():  # the mean over the global batch, as one process would take
-                    count = all_reduce_sum(count) / distributed_world_size()
-                out, loss = _VQStraightThrough.apply(q, hard, weights, count,
-                                                     CODEBOOK_LOSS_WEIGHT,
-                                                     float(self.config.commitment))
-                self.codebook_loss = loss.detach()
+            qg = q.float().transpose(0, 1)  # [D, U, s]
+            if training and self.variant == "sx" and torch.is_grad_enabled():
+                codes, zero = _SXStraightThrough.apply(
+                    qg, self.keys.float(), self.values.detach().float(), weights, self)
+                hard = self._gather(codes.t())  # [U, D, s], exactly the codebook rows
+                # value: hard (+0); gradient to query and keys: that of softmax(y/tau) @ V
+                out = hard + zero.transpose(0, 1).to(hard.dtype)
             else:
+                hard = self._gather(self._codes_of(qg.detach(), weights, training).t())
                 out = hard
+                if training and self.variant == "vq":
+                    count = weights.detach().sum()
+                    if _synced():  # the mean over the global batch, as one process takes
+                        count = all_reduce_(count) / distributed_world_size()
+                    out, loss = _VQStraightThrough.apply(q, hard, weights, count,
+                                                         CODEBOOK_LOSS_WEIGHT,
+                                                         float(self.config.commitment))
+                    self.codebook_loss = loss.detach()
         return out.reshape(ids.shape[0], self.embedding_dim)
-
-    def _value_books(self) -> Tensor:
-        """``[G, Kc, s]`` broadcastable against ``[D, U, Kc]`` products."""
-        return self.values
 
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]``."""
@@ -200,8 +204,7 @@ class DPQEmbedding(nn.Module):
                                device=self.query.device)
             q = self.query[ids].view(ids.numel(), self.num_groups, -1)
             with torch.autocast(ids.device.type, enabled=False):
-                scores = self._normalise(self._scores(q), None, training=False)
-            out.append(scores.argmax(-1).t())
+                out.append(self._codes_of(q.float().transpose(0, 1), None, False).t())
         return torch.cat(out)
 
     def export(self) -> CodebookEmbedding:
@@ -315,6 +318,104 @@ def _synced() -> bool:
     """Whether batch statistics are shared between processes (torch.distributed with
     more than one process)."""
     return distributed_world_size() > 1
+
+
+def _group_chunks(num_groups: int, rows: int, num_codes: int, sync: bool,
+                  device: torch.device) -> list:
+    """Slices of groups processed together, so that a ``[groups, rows, Kc]`` block of
+    scores stays near ``_CHUNK_ELEMENTS`` (cache-sized) on CPU, or a larger block on
+    accelerators (fewer kernel launches). One block when synchronised (every process
+    must make the same collective calls, whatever its row count)."""
+    if sync:
+        return [slice(0, num_groups)]
+    budget = _CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    step = max(1, budget // max(1, rows * num_codes))
+    return [slice(i, min(i + step, num_groups)) for i in range(0, num_groups, step)]
+
+
+_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS_GPU = 1 << 24
+
+
+class _SXStraightThrough(torch.autograd.Function):
+    """DPQ-SX codes with the softmax straight-through gradient, forward and backward
+    written out, a few groups at a time (cache-sized blocks; the scores are recomputed
+    in backward rather than kept: memory ``O(U*d)``, not ``O(U*D*Kc)``).
+
+    ``(q [D, U, s], keys [G, Kc, s], values [G, Kc, s] (detached), weights [U], layer)
+    -> (codes [D, U], zero [D, U, s])``. With ``x = q . keys`` and ``y`` its distance
+    normalisation (batch statistics, weighted by ``weights``; all-reduced under
+    torch.distributed), ``codes = argmax y``; ``zero`` is 0 in value, and its backward is
+    that of ``softmax(y / tau) @ values``: given ``G`` (gradient of the output rows),
+    ``gp = G @ values^T``, ``gy = p * (gp - sum_k p gp) / tau``,
+    ``gx = r * (gy - (w/n) * (sum_u gy + y * sum_u gy*y))`` (batch-norm backward with
+    ``r = 1/sqrt(var + eps)``, ``n`` the token count; sums all-reduced when synced),
+    ``grad q = gx @ keys``, ``grad keys = gx^T @ q``."""
+
+    @staticmethod
+    def forward(ctx, q, keys, values, weights, layer):
+        sync = _synced()
+        norm = layer.running_mean is not None
+        num_groups, rows = q.shape[0], q.shape[1]
+        codes = q.new_empty(num_groups, rows, dtype=torch.long)
+        means, rstds, variances = [], [], []
+        count = weights.sum()
+        for c in _group_chunks(num_groups, rows, keys.shape[1], sync, q.device):
+            x = torch.matmul(q[c], _books(keys, c).transpose(1, 2))  # [Dc, U, Kc]
+            if norm:
+                mean, var, count = batch_moments(x, weights, sync)
+                rstd = torch.rsqrt(var + layer.eps)
+                x.sub_(mean.unsqueeze(1)).mul_(rstd.unsqueeze(1))
+                means.append(mean), variances.append(var), rstds.append(rstd)
+            codes[c] = x.argmax(-1)
+        if norm:
+            mean, rstd = torch.cat(means), torch.cat(rstds)
+            update_running_stats(layer.running_mean, layer.running_var, mean,
+                                 torch.cat(variances), count, layer.momentum)
+        else:
+            mean = rstd = q.new_zeros(0)
+        ctx.save_for_backward(q, keys, values, weights, mean, rstd, count)
+        ctx.tau, ctx.sync, ctx.norm = layer.config.temperature, sync, norm
+        ctx.mark_non_differentiable(codes)
+        return codes, q.new_zeros(num_groups, rows, values.shape[2])
+
+    @staticmethod
+    def backward(ctx, _grad_codes, grad):
+        q, keys, values, weights, mean, rstd, count = ctx.saved_tensors
+        grad = grad.float()
+        grad_q = torch.empty_like(q)
+        grad_keys = torch.zeros_like(keys)
+        scale = (weights / count.clamp_min(1)).view(1, -1, 1)
+        for c in _group_chunks(q.shape[0], q.shape[1], keys.shape[1], ctx.sync, q.device):
+            k = _books(keys, c)
+            y = torch.matmul(q[c], k.transpose(1, 2))  # [Dc, U, Kc], recomputed
+            if ctx.norm:
+                y.sub_(mean[c].unsqueeze(1)).mul_(rstd[c].unsqueeze(1))
+            g = torch.matmul(grad[c], _books(values, c).transpose(1, 2))  # [Dc, U, Kc]
+            p = torch.softmax(y if ctx.tau == 1 else y / ctx.tau, dim=-1)
+            gy = g.sub_((p * g).sum(-1, keepdim=True)).mul_(p)
+            if ctx.tau != 1:
+                gy.mul_(1.0 / ctx.tau)
+            if ctx.norm:
+                sums = torch.stack([gy.sum(1), (gy * y).sum(1)])  # [2, Dc, Kc]
+                if ctx.sync:
+                    all_reduce_(sums)
+                y.mul_(sums[1].unsqueeze(1)).add_(sums[0].unsqueeze(1)).mul_(scale)
+                gx = gy.sub_(y).mul_(rstd[c].unsqueeze(1))
+            else:
+                gx = gy
+            grad_q[c] = torch.matmul(gx, k)  # [Dc, U, s]
+            gk = torch.matmul(gx.transpose(1, 2), q[c])  # [Dc, Kc, s]
+            if keys.shape[0] == 1:
+                grad_keys += gk.sum(0, keepdim=True)
+            else:
+                grad_keys[c] = gk
+        return grad_q, grad_keys, None, None, None
+
+
+def _books(books: Tensor, groups: slice) -> Tensor:
+    """The codebooks ``[G, Kc, s]`` of a slice of groups (the single one when shared)."""
+    return books if books.shape[0] == 1 else books[groups]
 
 
 class _VQStraightThrough(torch.autograd.Function):

@@ -15,7 +15,8 @@ from torch import Tensor
 __all__ = [
     "code_bits", "packed_num_bytes", "pack_codes", "unpack_codes", "unpack_rows",
     "codebook_storage_bytes", "dpq_ratio", "divisors", "check_groups", "kmeans",
-    "normalize_scores", "all_reduce_sum", "distributed_world_size", "codebook_index", "codebook_logits",
+    "batch_moments", "update_running_stats", "normalize_scores", "all_reduce_",
+    "distributed_world_size", "codebook_index", "codebook_logits",
 ]
 
 
@@ -110,7 +111,28 @@ def unpack_codes(packed: Tensor, bits: int, positions: Tensor) -> Tensor:
 
 def unpack_rows(packed: Tensor, bits: int, num_groups: int, rows: Tensor) -> Tensor:
     """Codes ``[..., D]`` of the given symbol ``rows [...]`` from the packed ``[V, D]``
-    code table."""
+    code table (integer dtype: ``uint8`` where the width allows, else ``int64``).
+
+    When a row fills whole bytes (``D*bits % 8 == 0``) the rows' bytes are gathered
+    first and split with shifts common to all rows: one row gather plus a few vector
+    ops; otherwise each code is read at its bit offset (:func:`unpack_codes`)."""
+    mask = (1 << bits) - 1
+    row_bytes = num_groups * bits // 8
+    if (num_groups * bits) % 8 == 0 and 8 % bits == 0:  # 1, 2, 4, 8 bits: no straddling
+        data = packed.view(-1, row_bytes)[rows.reshape(-1)]  # [N, R] uint8
+        if bits == 8:
+            return data.view(*rows.shape, num_groups)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (data.unsqueeze(-1) >> shifts) & mask  # [N, R, 8/bits]
+        return codes.view(*rows.shape, num_groups)
+    if num_groups % 8 == 0 and bits <= 8:  # 8 codes fill ``bits`` bytes: 64-bit words
+        data = packed.view(-1, row_bytes)[rows.reshape(-1)].view(-1, num_groups // 8, bits)
+        word = data[..., 0].to(torch.int64)
+        for k in range(1, bits):
+            word = word | (data[..., k].to(torch.int64) << (8 * k))
+        shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+        codes = (word.unsqueeze(-1) >> shifts) & mask  # [N, D/8, 8]
+        return codes.view(*rows.shape, num_groups)
     groups = torch.arange(num_groups, device=rows.device)
     return unpack_codes(packed, bits, rows.to(torch.int64).unsqueeze(-1) * num_groups + groups)
 
@@ -178,53 +200,66 @@ def _sqdist(x: Tensor, c: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- distance norm
 
+@torch.no_grad()
+def batch_moments(scores: Tensor, weights: Tensor, sync: bool = False
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Weighted mean and (biased) variance over rows, per (group, code):
+    ``scores [D, U, Kc]``, ``weights [U]`` (tokens each row stands for; 0 leaves a row
+    out) ``-> (mean [D, Kc], var [D, Kc], count [])``. Two passes (mean, then squared
+    deviations) for accuracy. With ``sync`` the sums are all-reduced over the default
+    process group first, so every process gets the statistics of the global batch."""
+    w = weights.to(scores.dtype)
+    first = torch.cat([torch.matmul(w, scores).reshape(-1), w.sum().reshape(1)])
+    if sync:
+        all_reduce_(first)
+    count = first[-1]
+    mean = (first[:-1] / count.clamp_min(1)).view(scores.shape[0], scores.shape[2])
+    dev = scores - mean.unsqueeze(1)
+    sq = torch.matmul(w, dev.mul_(dev))
+    if sync:
+        all_reduce_(sq)
+    return mean, sq / count.clamp_min(1), count
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: Tensor, momentum: float) -> None:
+    """``nn.BatchNorm``-style update in place (unbiased variance); no change when the batch
+    had no tokens. No host sync."""
+    seen = count > 0
+    unbiased = var * (count / (count - 1).clamp_min(1))
+    running_mean.copy_(torch.where(seen, running_mean.lerp(mean.to(running_mean.dtype), momentum),
+                                   running_mean))
+    running_var.copy_(torch.where(seen, running_var.lerp(unbiased.to(running_var.dtype), momentum),
+                                  running_var))
+
+
+@torch.no_grad()
 def normalize_scores(scores: Tensor, weights: Optional[Tensor], running_mean: Tensor,
                      running_var: Tensor, training: bool, momentum: float = 0.1,
                      eps: float = 1e-5, sync: bool = False) -> Tensor:
-    """Batch normalisation per (group, code) with no scale or shift.
+    """Distance normalisation: batch normalisation per (group, code), no scale or shift
+    (not differentiable: for the argmax; the SX backward is written out in
+    ``compemb.dpq.layer``).
 
     ``scores [D, U, Kc]`` for ``U`` rows, ``weights [U]`` how many tokens of the
-    mini-batch each row stands for (0 drops a row from the statistics), running
-    statistics ``[D, Kc]`` (updated in place in training, momentum as in
-    ``nn.BatchNorm``, unbiased running variance). In training the statistics are those of
-    the weighted rows; with ``sync`` (``torch.distributed`` with several processes) they
-    are all-reduced over the default process group, differentiably, as
-    ``nn.SyncBatchNorm`` does, so every process normalises by the global batch. In eval
-    the running statistics are used. Returns ``[D, U, Kc]`` in the scores' dtype."""
-    if not training:
-        return (scores - running_mean.unsqueeze(1)) * torch.rsqrt(running_var.unsqueeze(1) + eps)
-    w = weights.to(scores.dtype).view(1, -1, 1)
-    first = torch.cat([(scores * w).sum(1).reshape(-1), w.sum().reshape(1)])
-    if sync:
-        first = all_reduce_sum(first)
-    count = first[-1]
-    mean = (first[:-1] / count.clamp_min(1)).view_as(running_mean)
-    dev = scores - mean.unsqueeze(1)
-    sq = (dev * dev * w).sum(1)
-    if sync:
-        sq = all_reduce_sum(sq)
-    var = sq / count.clamp_min(1)
-    with torch.no_grad():
-        seen = count > 0
-        unbiased = var * (count / (count - 1).clamp_min(1))
-        running_mean.copy_(torch.where(seen, running_mean.lerp(mean.to(running_mean.dtype),
-                                                                momentum), running_mean))
-        running_var.copy_(torch.where(seen, running_var.lerp(unbiased.to(running_var.dtype),
-                                                              momentum), running_var))
-    return dev * torch.rsqrt(var + eps).unsqueeze(1)
+    mini-batch each row stands for, running statistics ``[D, Kc]``. In training the
+    batch statistics (:func:`batch_moments`, all-reduced with ``sync``) normalise and
+    update the running ones in place (momentum as in ``nn.BatchNorm``); in eval the
+    running statistics are used. Returns a new ``[D, U, Kc]`` tensor."""
+    if training:
+        mean, var, count = batch_moments(scores, weights, sync)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        mean, var = running_mean.to(scores.dtype), running_var.to(scores.dtype)
+    return (scores - mean.unsqueeze(1)).mul_(torch.rsqrt(var + eps).unsqueeze(1))
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Differentiable sum over the processes of the default group (the backward sums the
-    gradients the same way, as ``nn.SyncBatchNorm`` does)."""
+def all_reduce_(t: Tensor) -> Tensor:
+    """Sum ``t`` in place over the processes of the default group (not differentiable)."""
     import torch.distributed as dist
-    try:
-        import torch.distributed._functional_collectives as funcol
-    except ImportError:  # older torch
-        import torch.distributed.nn.functional as dist_fn
-        return dist_fn.all_reduce(t)
-    out = funcol.all_reduce(t, "sum", dist.group.WORLD)
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    dist.all_reduce(t)
+    return t
 
 
 def distributed_world_size() -> int:
@@ -240,9 +275,9 @@ def distributed_world_size() -> int:
 def codebook_index(codes: Tensor, num_codes: int, shared: bool) -> Tensor:
     """Rows of the flattened ``[G*Kc, s]`` value table for codes ``[..., D]``."""
     if shared:
-        return codes
+        return codes.long()
     offsets = torch.arange(codes.shape[-1], device=codes.device) * num_codes
-    return codes + offsets
+    return torch.add(codes, offsets)  # promotes uint8 codes to int64 in the same pass
 
 
 def codebook_logits(hidden: Tensor, values: Tensor, codes: Tensor, tile: int = 1024) -> Tensor:
