@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The small-scale grid behind RESULTS.md: dense; TT at three ranks; DPQ-SX and DPQ-VQ at
-# two settings each; one CPU thread per run. Runs whose results.json exists are skipped.
+# two settings each; one CPU thread per run. A run whose folder has a log.txt (done, or
+# started by another invocation) is skipped: delete its folder to run it again.
 #   recipes/grid_small.sh sentiment|ctr [RUNS_DIR]     (JOBS=2 runs two at a time)
 # then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
 set -euo pipefail
@@ -12,7 +13,6 @@ case "$task" in
   sentiment)
     grid=("dense:--method dense"
           "dense-s1:--method dense --seed 1"
-          "dense-s2:--method dense --seed 2"
           "tt-r8:--method tt --rank 8"
           "tt-r16:--method tt --rank 16"
           "tt-r32:--method tt --rank 32"
@@ -36,7 +36,10 @@ esac
 for entry in "${grid[@]}"; do
   name=${entry%%:*}
   out="$runs/$task/$name"
-  [ -f "$out/results.json" ] && continue
+  if [ -f "$out/log.txt" ]; then
+    echo "skip $out (has log.txt)" >&2
+    continue
+  fi
   mkdir -p "$out"
-  echo "$PYTHON -m recipes.$task --scale small --threads 1 --no-progress ${entry#*:} --out $out > $out/log.txt 2>&1"
+  echo "[ -f $out/log.txt ] || $PYTHON -m recipes.$task --scale small --threads 1 --no-progress ${entry#*:} --out $out > $out/log.txt 2>&1"
 done | xargs -P "${JOBS:-1}" -I{} sh -c "{}"

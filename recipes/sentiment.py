@@ -149,8 +149,8 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
     model = accelerator.unwrap_model(model)
     result = base_result(
         "sentiment", dataset, scale_name, spec, model, report, "test_accuracy", test, True, wall,
-        valid_accuracy=history[best_epoch - 1]["valid_accuracy"], best_epoch=best_epoch, steps=step, history=history,
-        vocab_size=len(vocab), embedding_dim=scale["dim"], hyperparameters=scale,
+        valid_accuracy=history[best_epoch - 1]["valid_accuracy"], best_epoch=best_epoch, steps=step,
+        history=history, vocab_size=len(vocab), embedding_dim=scale["dim"], hyperparameters=scale,
         examples={k: len(v) for k, v in enc.items()})
     result["model"] = model
     return result

@@ -233,7 +233,8 @@ RESULT_FIELDS = {"task", "dataset", "scale", "method", "settings", "embedding_ra
                  "higher_is_better", "wall_time_s", "hardware", "checkpoint", "history"}
 
 
-@pytest.mark.parametrize("method_args", [[], ["--method", "dpq", "--num-codes", "8", "--num-groups", "8"]])
+@pytest.mark.parametrize("method_args", [[], ["--method", "dpq", "--num-codes", "8", "--num-groups", "8"],
+                                         ["--method", "tt", "--rank", "2"]])
 def test_sentiment_smoke_run_writes_results_and_checkpoint(cache, tmp_path, capsys, method_args):
     make_rt_archive(cache)
     out = tmp_path / "run"
@@ -248,7 +249,11 @@ def test_sentiment_smoke_run_writes_results_and_checkpoint(cache, tmp_path, caps
     model = sentiment.build_model(compemb.EmbeddingSpec.from_dict(result["settings"]), result["vocab_size"], 2, scale)
     model.load_state_dict(state)  # the checkpoint loads into the model the settings describe
     assert result["total_parameters"] == sum(p.numel() for p in model.parameters())
-    if method_args:
+    if "tt" in method_args:
+        layer = model.embedding.storage()
+        assert result["settings"]["rank"] == 2 and result["embedding_ratio"] == pytest.approx(layer.ratio)
+        assert result["embedding_parameters"] == layer.stored_parameters < result["vocab_size"] * scale["dim"]
+    elif method_args:
         assert result["method"] == "dpq" and result["settings"]["num_codes"] == 8
         # dpq: V x 32 floats -> V x 8 codes of 3 bits + an 8 x 32 float codebook
         v = result["vocab_size"]
