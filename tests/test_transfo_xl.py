@@ -497,7 +497,9 @@ def test_apply_compressed_embedding_hook_and_round_trip(tmp_path):
     assert model.state_dict().keys() == dense_state.keys()  # unchanged after the errors
     assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
 
-    model.apply_compressed_embedding(VARIANTS["dpq-sx"], output="untied")
+    built = model.apply_compressed_embedding(VARIANTS["dpq-sx"], output="untied")
+    assert sorted(built) == sorted([f"transformer.word_emb.emb_layers.{i}" for i in range(3)]
+                                   + [f"crit.out_layers.{i}.embedding" for i in range(3)])
     assert model.config.compressed_embedding == {**VARIANTS["dpq-sx"], "output": "untied", "dense_below": 0}
     tables = model.transformer.word_emb.emb_layers
     assert type(tables[0]).__name__ == "DPQEmbedding"
@@ -513,3 +515,29 @@ def test_apply_compressed_embedding_hook_and_round_trip(tmp_path):
     with torch.no_grad():
         a, b = model(x), loaded(x)
     torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_compemb_hf_compress_takes_the_models_hook(tmp_path):
+    """compemb_hf.compress / from_pretrained(compressed_embedding=) go through
+    apply_compressed_embedding; the checkpoint reloads compressed."""
+    import compemb_hf
+
+    model = tiny_model()
+    x = torch.randint(0, 40, (2, 6))
+    compemb_hf.compress(model, compemb_hf.CompressedEmbeddingConfig(method="tt", rank=4))
+    tables = model.transformer.word_emb.emb_layers
+    # 10 x 16 is compressed; 14 x 8 at rank 4 would not be smaller, 16 x 4 has no 3 factors
+    assert [type(t).__name__ for t in tables] == ["TTEmbedding", "Embedding", "Embedding"]
+    assert model.crit.out_layers[0].table is tables[0]  # output None -> tied
+    assert model.crit.out_layers[1].weight is tables[1].weight
+    assert model.config.compressed_embedding is None  # recorded as the quantization config
+    with torch.no_grad():
+        want = model(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = TransfoXLLMHeadModel.from_pretrained(tmp_path).eval()
+    assert type(loaded.transformer.word_emb.emb_layers[0]).__name__ == "TTEmbedding"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, want)
+    with pytest.raises(ValueError, match="modules"):
+        compemb_hf.compress(tiny_model(), compemb_hf.CompressedEmbeddingConfig(
+            method="tt", rank=4, modules=["transformer.word_emb.emb_layers.0"]))

@@ -518,13 +518,18 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
         return self.crit(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)).view(targets.shape)
 
     # --- compression hook
-    def apply_compressed_embedding(self, spec: Mapping[str, Any], output: str = "tied", *,
-                                   dense_below: int = 0, from_dense: bool = True) -> "TransfoXLLMHeadModel":
+    def apply_compressed_embedding(self, spec: Any, output: str = "tied", *, dense_below: int = 0,
+                                   from_dense: bool = True, from_weights: Optional[bool] = None
+                                   ) -> Dict[str, nn.Module]:
         """Replace the adaptive input tables and the softmax by compemb layers, in place.
 
         Args:
             spec: a flat :class:`compemb.EmbeddingSpec` dict (``{"method": "tt", "rank": 8}``)
-                or an ``EmbeddingSpec``.
+                or an ``EmbeddingSpec``; or a ``compemb_hf.CompressedEmbeddingConfig``
+                (``compemb_hf.compress`` and ``from_pretrained(..., compressed_embedding=)``
+                call this hook with one: its ``output`` (None: ``"tied"``) and ``init``
+                apply, and it is recorded as the model's quantization config instead of
+                ``config.compressed_embedding``).
             output: ``"tied"`` (the softmax uses the compressed input tables plus its
                 own biases), ``"untied"`` (compressed softmax tables of its own) or
                 ``"dense"`` (the softmax stays dense and untied).
@@ -537,10 +542,26 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
                 was compressed.
             from_dense: start the compressed tables from the current dense ones
                 (``compemb.compress_embedding``: TT-SVD, k-means, ...); False: fresh init.
+            from_weights: the name ``compemb_hf`` uses for ``from_dense``.
 
-        Records the choice in ``config.compressed_embedding`` (so ``save_pretrained`` /
+        Returns ``{path: layer}`` of the new compressed tables. With a spec dict the choice
+        is recorded in ``config.compressed_embedding`` (``save_pretrained`` /
         ``from_pretrained`` rebuild the same structure). On error the model is unchanged.
         """
+        record = True
+        if from_weights is not None:
+            from_dense = bool(from_weights)
+        if hasattr(spec, "spec") and hasattr(spec, "output") and not isinstance(spec, Mapping):
+            hf_config = spec  # compemb_hf.CompressedEmbeddingConfig
+            if getattr(hf_config, "form", "train") != "train":
+                raise ValueError(f"form={hf_config.form!r} is not available for Transformer-XL: compress "
+                                 f"with form='train' (then compemb_hf.export_codebooks for DPQ)")
+            if getattr(hf_config, "modules", None):
+                raise ValueError(f"modules={list(hf_config.modules)} does not apply to Transformer-XL: "
+                                 f"its tables are the adaptive input clusters; leave modules=None")
+            spec, output = hf_config.spec, hf_config.output or "tied"
+            from_dense = from_dense and getattr(hf_config, "init", None) != "random"
+            record = False
         spec_dict, output, dense_below = _normalise_hook_args(spec, output, dense_below)
         emb = self.transformer.word_emb
         if any(not _is_plain(layer) for layer in emb.emb_layers):
@@ -558,11 +579,16 @@ class TransfoXLLMHeadModel(TransfoXLPreTrainedModel, GenerationMixin):
         # all built: swap
         emb.emb_layers = new_tables
         self.crit.out_layers = new_outputs
-        self.config.compressed_embedding = {**spec_dict, "output": output, "dense_below": dense_below}
-        self.transformer.config.compressed_embedding = self.config.compressed_embedding
+        if record:
+            self.config.compressed_embedding = {**spec_dict, "output": output, "dense_below": dense_below}
+            self.transformer.config.compressed_embedding = self.config.compressed_embedding
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         self._tie_structure()
-        return self
+        built = {f"transformer.word_emb.emb_layers.{i}": t for i, t in enumerate(new_tables)
+                 if not _is_plain(t)}
+        built.update({f"crit.out_layers.{i}.embedding": o.embedding for i, o in enumerate(new_outputs)
+                      if getattr(o, "tied", True) is False})
+        return built
 
     # --- generation: mems are the cache
     @classmethod
@@ -639,6 +665,10 @@ def _build_table(spec, weight: Tensor, from_dense: bool, init_std: float = 0.02)
                     p.mul_(init_std)
     if weight.device.type != "meta":
         layer = layer.to(device=weight.device)
+    if weight.dtype != torch.float32 and weight.is_floating_point():
+        for p in layer.parameters():  # keep the model's float dtype (bf16 / fp16)
+            if p.is_floating_point():
+                p.data = p.data.to(weight.dtype)
     return layer
 
 
