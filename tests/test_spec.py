@@ -96,3 +96,50 @@ def test_a_registered_method_is_reachable_through_spec_and_factory():
 def test_register_method_needs_a_dataclass_config():
     with pytest.raises(TypeError, match="must be a dataclass"):
         register_method("test-bad", config_cls=dict, layer_cls=nn.Embedding)
+
+
+@pytest.mark.parametrize("method", ["tt", "tr", "dpq"])
+@pytest.mark.parametrize("target", [10, 50, 200])
+def test_plan_reaches_the_target_ratio_and_builds(method, target):
+    spec = compemb.plan(25000, 256, method, target)
+    layer = compemb.build_embedding(spec, 25000, 256)
+    ratio = compemb.compression_report(layer).embedding_ratio
+    assert ratio >= target
+    # the JSON form rebuilds the same settings
+    again = compemb.EmbeddingSpec.from_json(spec.to_json())
+    assert again.to_dict() == spec.to_dict()
+    assert compemb.build_embedding(again, 25000, 256).config == layer.config
+
+
+def test_plan_bad_input():
+    with pytest.raises(ValueError, match="target_ratio must be a number >= 1"):
+        compemb.plan(100, 16, "tt", 0.5)
+    with pytest.raises(ValueError, match="method 'dense' has no planner"):
+        compemb.plan(100, 16, "dense", 4)
+
+
+def test_report_ratio_formulas_match_methods_md():
+    # TT: V*J / sum_k R[k-1]*Ik*Jk*R[k]
+    tt = compemb.TTEmbedding(25000, 256, rank=16, shape=((25, 30, 40), (4, 8, 8)))
+    params = 1 * 25 * 4 * 16 + 16 * 30 * 8 * 16 + 16 * 40 * 8 * 1
+    assert sum(p.numel() for p in tt.parameters()) == params
+    assert compemb.compression_report(tt).embedding_ratio == pytest.approx(25000 * 256 / params)
+    # DPQ: 32*V*d / (V*D*log2(K) + 32*K*d), codes rounded up to whole bytes
+    V, d, K, D = 25000, 256, 16, 32
+    dpq = compemb.DPQEmbedding(V, d, num_codes=K, num_groups=D)
+    expected = 32 * V * d / (V * D * 4 + 32 * K * d)
+    assert compemb.compression_report(dpq).embedding_ratio == pytest.approx(expected, rel=1e-6)
+    shared = compemb.DPQEmbedding(V, d, num_codes=K, num_groups=D, shared_subspace=True)
+    expected_shared = 32 * V * d / (V * D * 4 + 32 * K * d / D)
+    assert compemb.compression_report(shared).embedding_ratio == pytest.approx(expected_shared, rel=1e-6)
+
+
+def test_model_report_counts_a_tied_compressed_head_once():
+    model = nn.Module()
+    model.embed = compemb.TTEmbedding(1000, 64, rank=8)
+    model.head = compemb.OutputLayer(model.embed)
+    model.untied = compemb.OutputLayer(compemb.TTEmbedding(1000, 64, rank=8), tied=False)
+    rep = compemb.compression_report(model)
+    assert [r.name for r in rep.rows] == ["embed", "untied.embedding"]
+    assert set(model.state_dict()) == {f"embed.cores.{i}" for i in range(3)} | {
+        f"untied.embedding.cores.{i}" for i in range(3)}
