@@ -270,12 +270,17 @@ def test_perplexity_segment_by_segment_equals_one_pass():
     assert res["loss"] == pytest.approx(float(whole), rel=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(float(whole)), rel=1e-5)
     # a shorter memory changes the result and is restored afterwards
-    short = evaluate_perplexity(model, text[0], tgt_len=4, mem_len=2)
-    assert model.transformer.mem_len == 20 and short["tokens"] == 13
+    short = evaluate_perplexity(model, text[0], tgt_len=4, mem_len=2, clamp_len=3, same_length=True)
+    assert short["tokens"] == 13 and short["loss"] != pytest.approx(
+        evaluate_perplexity(model, text[0], tgt_len=4)["loss"], rel=1e-4)
+    core = model.transformer
+    assert (core.mem_len, core.clamp_len, core.same_length) == (20, 0, False)
     with pytest.raises(ValueError, match="tgt_len"):
         evaluate_perplexity(model, text, tgt_len=0)
     with pytest.raises(ValueError, match="tgt_len"):
         evaluate_perplexity(model, text)  # config.tgt_len is None
+    with pytest.raises(ValueError, match="mem_len"):
+        evaluate_perplexity(model, text, tgt_len=4, mem_len=-1)
 
 
 def test_generate_with_memories_equals_full_recompute():
@@ -541,3 +546,22 @@ def test_compemb_hf_compress_takes_the_models_hook(tmp_path):
     with pytest.raises(ValueError, match="modules"):
         compemb_hf.compress(tiny_model(), compemb_hf.CompressedEmbeddingConfig(
             method="tt", rank=4, modules=["transformer.word_emb.emb_layers.0"]))
+
+
+@pytest.mark.parametrize("variant", [None, "tt"])
+def test_bf16_autocast_and_bf16_weights(variant):
+    spec = None if variant is None else {**VARIANTS[variant], "output": "tied"}
+    model = tiny_model(compressed_embedding=spec).train()
+    x = torch.randint(0, 40, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x, labels=x)
+        second = model(x, mems=first.mems, labels=x)
+    second.loss.backward()
+    assert torch.isfinite(second.loss) and second.loss.dtype == torch.float32
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    half = tiny_model(compressed_embedding=spec).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = tiny_model(compressed_embedding=spec)(x).logits
+        out = half(x).logits
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.25

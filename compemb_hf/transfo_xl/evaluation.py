@@ -45,22 +45,32 @@ def segment_nll(model, input_ids: Tensor, tgt_len: int) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def evaluate_perplexity(model, input_ids: Tensor, tgt_len: Optional[int] = None,
-                        mem_len: Optional[int] = None) -> Dict[str, float]:
+                        mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                        same_length: Optional[bool] = None) -> Dict[str, float]:
     """``{"loss": mean NLL (nats), "perplexity": exp(loss), "tokens": count}`` of
     ``input_ids`` (``[length]`` or ``[streams, length]``: parallel streams, as the
     batched Transformer-XL evaluation), segment by segment.
 
     Args:
         tgt_len: segment length (default ``model.config.tgt_len``).
-        mem_len: memory length for this evaluation (default: the model's); restored after.
+        mem_len, clamp_len, same_length: settings for this evaluation only (default: the
+            model's), restored after; the paper evaluates WikiText-103 with
+            ``tgt_len=64, mem_len=640, clamp_len=400, same_length=True``.
     """
     tgt_len = tgt_len if tgt_len is not None else model.config.tgt_len
     if tgt_len is None:
         raise ValueError("tgt_len is needed: pass tgt_len= or set config.tgt_len")
-    old_mem_len = model.transformer.mem_len
+    if mem_len is not None and (not isinstance(mem_len, int) or mem_len < 0):
+        raise ValueError(f"mem_len must be an int >= 0, got {mem_len!r}")
+    if clamp_len is not None and not isinstance(clamp_len, int):
+        raise ValueError(f"clamp_len must be an int (<= 0: no clamping), got {clamp_len!r}")
+    core = model.transformer
+    saved = {"mem_len": core.mem_len, "clamp_len": core.clamp_len, "same_length": core.same_length}
+    overrides = {"mem_len": mem_len, "clamp_len": clamp_len, "same_length": same_length}
     was_training = model.training
-    if mem_len is not None:
-        model.reset_memory_length(mem_len)
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(core, name, value)
     model.eval()
     try:
         total, count = 0.0, 0
@@ -68,7 +78,8 @@ def evaluate_perplexity(model, input_ids: Tensor, tgt_len: Optional[int] = None,
             total += float(nll.double().sum())
             count += nll.numel()
     finally:
-        model.transformer.mem_len = old_mem_len
+        for name, value in saved.items():
+            setattr(core, name, value)
         model.train(was_training)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
