@@ -77,11 +77,7 @@ class TensorNetworkEmbedding(nn.Module):
                 if self.padding_idx is not None:
                     out = out.masked_fill((flat == self.padding_idx).unsqueeze(1), 0.0)
             else:
-                ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-                rows = ttm.gather_rows(cores, ids, rows_f, share=True)
-                if self.padding_idx is not None:
-                    rows = rows.masked_fill((ids == self.padding_idx).unsqueeze(1), 0.0)
-                out = rows.index_select(0, inverse)
+                out = ttm.lookup(cores, flat, rows_f, self.padding_idx)
         return out.view(*input.shape, self.embedding_dim).to(self.cores[0].dtype)
 
     def materialize(self) -> Tensor:

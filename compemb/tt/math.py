@@ -35,7 +35,7 @@ __all__ = [
     "Shape", "factorizations", "choose_row_factors", "choose_col_factors",
     "choose_shape", "check_shape", "full_ranks", "core_shapes", "num_parameters",
     "init_std", "index_digits", "prefix_tree", "gather_rows", "full_table",
-    "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
+    "lookup", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
     "suggest_dims",
 ]
 
@@ -300,41 +300,150 @@ def _next_level(core: Tensor, prefix: Tensor, digits: Tensor, parents: Optional[
     ``dense``: every child ``(p, ik)`` of every prefix, ``m = n*Ik`` (child ``(p, ik)`` at
     row ``p*Ik + ik``), one broadcast product with the whole core. Otherwise only the
     ``m = len(digits)`` children asked for, each with its own core slice (a gather)."""
-    left = _middle_operand(core)  # [Ik, Rk*Jk, Rk-1]
-    i_k, rows, r_prev = left.shape
-    if dense:  # one GEMM [Ik*Rk*Jk, Rk-1] @ [Rk-1, n*X], then rows back in prefix order
+    r_prev, i_k, j_k, r_k = core.shape
+    if dense:  # one GEMM core^T [Ik*Jk*Rk, Rk-1] @ [Rk-1, n*X] (the core is not copied)
         n, _, x = prefix.shape
         flat = prefix.transpose(0, 1).reshape(r_prev, n * x)
-        out = (left.reshape(i_k * rows, r_prev) @ flat).view(i_k * rows, n, x).transpose(0, 1)
-    else:
-        out = torch.bmm(left.index_select(0, digits), _take(prefix, parents))
-    return out.reshape(-1, core.shape[3], out.shape[-1] * core.shape[2])
+        out = (core.reshape(r_prev, i_k * j_k * r_k).t() @ flat).view(i_k, j_k, r_k, n, x)
+        return out.permute(3, 0, 2, 1, 4).reshape(n * i_k, r_k, j_k * x)
+    left = _middle_operand(core).index_select(0, digits)  # [m, Rk*Jk, Rk-1]
+    return torch.bmm(left, _take(prefix, parents)).view(-1, r_k, j_k * prefix.shape[2])
 
 
-def gather_rows(cores: Sequence[Tensor], ids: Tensor, row_factors: Sequence[int],
-                share: bool = True) -> Tensor:
-    """Rows ``ids [U] -> [U, J]`` of the table, computed from the cores.
+def _shared_prefixes(cores: Sequence[Tensor], digits: List[Tensor],
+                     parents: List[Optional[Tensor]], row_factors: Sequence[int], share: bool
+                     ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Prefix products of all but the last core for a prefix tree: ``[n, R*R0, J']`` and,
+    for each last-level entry, its row there (``None``: the identity).
 
-    With ``share`` the ids must be sorted and distinct (``torch.unique``); each distinct
-    prefix ``(i1..ik)`` is then contracted once and reused by every row below it. A middle
-    level where most children of the present prefixes are present anyway (at most 4x
-    more) is computed for all children in one product with the whole core (no gather of
-    core slices). The last level, ``J * R_{N-1} * R0`` multiply-adds per row, is one
-    batched product over the rows."""
-    r0 = cores[0].shape[0]
-    digits, parents = prefix_tree(ids, row_factors, share)
-    n = len(cores)
+    A middle level where most children of the present prefixes are present anyway (at
+    most 4x more) is computed for all children in one GEMM with the whole core (no gather
+    of core slices)."""
+    parents = list(parents)
     prefix = _first_operand(cores[0]).index_select(0, digits[0])  # [n0, R1, J1*R0]
-    for k in range(1, n - 1):
+    for k in range(1, len(cores) - 1):
         dense = share and prefix.shape[0] * row_factors[k] <= 4 * digits[k].shape[0]
         prefix = _next_level(cores[k], prefix, digits[k], parents[k], dense)
         if dense:  # level-k entry e sits at row parents[k][e]*Ik + digits[k][e]
             slot = parents[k] * row_factors[k] + digits[k]
             parents[k + 1] = slot.index_select(0, parents[k + 1])
-    prefix = _close_prefix(prefix, r0)  # [n, R*R0, J']
-    last = _last_operand(cores[-1], r0).index_select(0, digits[-1])  # [U, JN, R*R0]
-    rows = torch.bmm(last, _take(prefix, parents[-1]))  # [U, JN, J']
+    return _close_prefix(prefix, cores[0].shape[0]), parents[-1]
+
+
+def gather_rows(cores: Sequence[Tensor], ids: Tensor, row_factors: Sequence[int],
+                share: bool = True) -> Tensor:
+    """Rows ``ids [U] -> [U, J]`` of the table, computed from the cores, the last level as
+    one batched product over the rows (the path used under ``torch.compile``).
+
+    With ``share`` the ids must be sorted and distinct (``torch.unique``); each distinct
+    prefix ``(i1..ik)`` is then contracted once and reused by every row below it."""
+    digits, parents = prefix_tree(ids, row_factors, share)
+    prefix, par = _shared_prefixes(cores, digits, parents, row_factors, share)  # [n, K, J']
+    last = _last_operand(cores[-1], cores[0].shape[0]).index_select(0, digits[-1])  # [U, JN, K]
+    rows = torch.bmm(last, _take(prefix, par))  # [U, JN, J']
     return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2])
+
+
+def lookup(cores: Sequence[Tensor], index: Tensor, row_factors: Sequence[int],
+           padding_idx: Optional[int] = None) -> Tensor:
+    """``index [n]`` (any order, repeats allowed) -> rows ``[n, J]``; the row
+    ``padding_idx`` is zero and passes no gradient.
+
+    Each distinct id is computed once, each distinct prefix once (:func:`prefix_tree`).
+    The last level groups the rows by their prefix: a prefix with ``c`` rows gets a block
+    of ``w`` slots (``w`` the power of two >= ``c``), and each block width is one batched
+    GEMM ``[w*JN, K] @ [K, J']`` against the prefix itself, so per-row copies of the
+    prefix matrices (``K*J'`` floats each) are never made, in forward or backward."""
+    ids, inverse = torch.unique(index, sorted=True, return_inverse=True)
+    digits, parents = prefix_tree(ids, row_factors, True)
+    prefix, par = _shared_prefixes(cores, digits, parents, row_factors, True)
+    last = _last_operand(cores[-1], cores[0].shape[0])  # [IN, JN, K]
+    layout = _block_layout(par, digits[-1], prefix.shape[0], last.shape[0])
+    slot_digit, row_slot, blocks = layout
+    if padding_idx is not None:  # the padding row reads the zero slot past the end
+        row_slot = torch.where(ids == padding_idx, slot_digit.shape[0], row_slot)
+    return _LastLevel.apply(last, prefix, slot_digit, row_slot.index_select(0, inverse), blocks)
+
+
+def _block_layout(parents: Optional[Tensor], digits: Tensor, n_prefix: int, n_digits: int
+                  ) -> Tuple[Tensor, Tensor, List[Tuple[int, int, int, Tensor]]]:
+    """Slots for :func:`lookup`'s last level. ``parents [U]`` (non-decreasing) and
+    ``digits [U]`` of the distinct rows. Returns ``slot_digit [T]`` (the last digit in each
+    slot, ``n_digits`` for an empty one), ``row_slot [U]`` and the blocks
+    ``(width, count, first slot, prefix rows [count])``, one per width."""
+    u = digits.shape[0]
+    if parents is None:
+        parents = torch.arange(u, device=digits.device)
+    counts = torch.bincount(parents, minlength=n_prefix)
+    present = torch.nonzero(counts).squeeze(1)
+    c = counts.index_select(0, present)
+    width = torch.where(c > 1, torch.exp2(torch.ceil(torch.log2(c.double()))).long(), 1)
+    order = torch.argsort(width, stable=True)
+    width, present = width.index_select(0, order), present.index_select(0, order)
+    first = torch.cumsum(width, 0) - width  # first slot of each present prefix
+    block_of = torch.zeros(n_prefix, dtype=torch.long, device=digits.device)
+    block_of[present] = first
+    start = torch.cumsum(counts, 0) - counts  # first distinct row of each prefix
+    row_slot = block_of.index_select(0, parents) + torch.arange(u, device=digits.device) \
+        - start.index_select(0, parents)
+    total = int(width.sum())
+    slot_digit = torch.full((total,), n_digits, dtype=torch.long, device=digits.device)
+    slot_digit[row_slot] = digits
+    widths, sizes = torch.unique_consecutive(width, return_counts=True)
+    blocks, slot, taken = [], 0, 0
+    for w, size in zip(widths.tolist(), sizes.tolist()):
+        blocks.append((w, size, slot, present[taken:taken + size]))
+        slot += w * size
+        taken += size
+    return slot_digit, row_slot, blocks
+
+
+class _LastLevel(torch.autograd.Function):
+    """``out[p] = slot_matrix(row_slot[p]) @ prefix[block prefix]`` for the block layout of
+    :func:`_block_layout`; see :func:`lookup`. ``last [IN, JN, K]``, ``prefix [n, K, J']``
+    -> ``[len(out_slot), JN*J']``; slot ``T`` (past the end) reads a zero row."""
+
+    @staticmethod
+    def forward(ctx, last, prefix, slot_digit, out_slot, blocks):  # type: ignore[override]
+        n_digits, j_n, k = last.shape
+        j_rest = prefix.shape[2]
+        total = slot_digit.shape[0]
+        slots = torch.cat([last, last.new_zeros(1, j_n, k)]).index_select(0, slot_digit)
+        table = last.new_empty(total + 1, j_n * j_rest)
+        table[total] = 0
+        for w, size, first, rows in blocks:
+            torch.bmm(slots[first:first + w * size].view(size, w * j_n, k),
+                      prefix.index_select(0, rows),
+                      out=table[first:first + w * size].view(size, w * j_n, j_rest))
+        ctx.blocks = blocks
+        ctx.save_for_backward(last, prefix, slot_digit, out_slot, slots)
+        return table.index_select(0, out_slot)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        last, prefix, slot_digit, out_slot, slots = ctx.saved_tensors
+        n_digits, j_n, k = last.shape
+        j_rest = prefix.shape[2]
+        total = slot_digit.shape[0]
+        grad_table = grad.new_zeros(total + 1, j_n * j_rest).index_add_(0, out_slot, grad.contiguous())
+        grad_last = grad_prefix = None
+        if ctx.needs_input_grad[1]:
+            grad_prefix = torch.zeros_like(prefix)
+        if ctx.needs_input_grad[0]:
+            grad_slots = last.new_empty(total, j_n, k)
+        for w, size, first, rows in ctx.blocks:
+            g = grad_table[first:first + w * size].view(size, w * j_n, j_rest)
+            if ctx.needs_input_grad[1]:
+                a = slots[first:first + w * size].view(size, w * j_n, k)
+                grad_prefix.index_copy_(0, rows, torch.bmm(a.transpose(1, 2), g))
+            if ctx.needs_input_grad[0]:
+                torch.bmm(g, prefix.index_select(0, rows).transpose(1, 2),
+                          out=grad_slots[first:first + w * size].view(size, w * j_n, k))
+        if ctx.needs_input_grad[0]:
+            grad_last = last.new_zeros(n_digits + 1, j_n, k).index_add_(0, slot_digit, grad_slots)
+            grad_last = grad_last[:n_digits]
+        return grad_last, grad_prefix, None, None, None
 
 
 def _all_prefixes(cores: Sequence[Tensor], upto: int) -> Tensor:
