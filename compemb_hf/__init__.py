@@ -21,6 +21,8 @@ from .surgery import ScaledEmbedding, compress, compressed_layers, export_codebo
 
 _install()
 
+from . import transfo_xl  # noqa: E402,F401  (registers the Transformer-XL model types)
+
 __all__ = ["CompressedEmbeddingConfig", "CompressedEmbeddingQuantizer", "compress",
            "compressed_layers", "export_codebooks", "is_compressed", "ScaledEmbedding",
            "register_from_pretrained_kwarg"]

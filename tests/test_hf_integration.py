@@ -279,3 +279,16 @@ def test_corrupt_safetensors(tmp_path, damage):
     file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_rejects_settings_before_reading_weights(tmp_path):
+    _save_dense("gpt2", tmp_path)
+    with pytest.raises(ValueError, match="num_groups"):
+        tf.AutoModelForCausalLM.from_pretrained(
+            tmp_path, compressed_embedding=Cfg("dpq", num_codes=4, num_groups=5))
+    with pytest.raises(ValueError, match="'transformer.nope' is not a module"):
+        tf.AutoModelForCausalLM.from_pretrained(
+            tmp_path, compressed_embedding=Cfg("tt", rank=4, modules=["transformer.nope"]))
+    with pytest.raises(ValueError, match="either compressed_embedding"):
+        tf.AutoModelForCausalLM.from_pretrained(
+            tmp_path, compressed_embedding=Cfg("tt", rank=4), quantization_config=Cfg("tt", rank=4))
