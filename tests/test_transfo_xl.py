@@ -321,6 +321,8 @@ def test_bad_configs_name_the_argument():
         tiny_config(compressed_embedding={"method": "dense", "output": "shared"})
     with pytest.raises(ValueError, match="mem_len"):
         tiny_model().reset_memory_length(-2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny_model().resize_token_embeddings(50)
 
 
 def test_bad_mems_and_inputs_name_the_argument():

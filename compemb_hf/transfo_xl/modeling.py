@@ -295,6 +295,12 @@ class TransfoXLPreTrainedModel(PreTrainedModel):
     def _own_tied_weights(self) -> Dict[str, str]:
         return {}
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any):
+        raise ValueError(
+            "resize_token_embeddings does not apply to Transformer-XL's adaptive input/softmax "
+            "(one table per cluster): build a TransfoXLConfig with the new vocab_size and "
+            "cutoffs, and copy the weights you keep")
+
 
 class TransfoXLModel(TransfoXLPreTrainedModel):
     """The Transformer-XL decoder stack (no softmax)."""
