@@ -292,3 +292,15 @@ def test_from_pretrained_rejects_settings_before_reading_weights(tmp_path):
     with pytest.raises(ValueError, match="either compressed_embedding"):
         tf.AutoModelForCausalLM.from_pretrained(
             tmp_path, compressed_embedding=Cfg("tt", rank=4), quantization_config=Cfg("tt", rank=4))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_generate_after_reload(family, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    ids = dummy_inputs(family)["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(loaded.generate(input_ids=ids, max_new_tokens=4, do_sample=False), out)
