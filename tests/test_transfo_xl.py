@@ -205,8 +205,14 @@ def test_memory_length_bounds_the_memories_and_the_context():
     assert tiny_model(mem_len=0)(x).mems is None
 
 
-def test_adaptive_softmax_is_a_distribution_and_losses_match_it():
-    model = tiny_model()
+@pytest.mark.parametrize("form", ["div_val=2", "div_val=1 tt"])
+def test_adaptive_softmax_is_a_distribution_and_losses_match_it(form):
+    if form == "div_val=2":
+        model = tiny_model()
+    else:  # one compressed table, sliced per cluster
+        import compemb.tt  # noqa: F401
+        model = tiny_model(div_val=1, compressed_embedding={"method": "tt", "rank": 4})
+        assert isinstance(model.crit.out_layers[0], compemb.OutputLayer)
     x = torch.randint(0, 40, (2, 6))
     with torch.no_grad():
         logp = model(x).logits

@@ -168,22 +168,28 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 self.out_projs.append(nn.Parameter(torch.empty(d_proj, d_i)))
                 self.out_layers.append(nn.Linear(d_i, end - start))
 
-    def _cluster_logits(self, i: int, hidden: Tensor) -> Tensor:
-        """Logits of cluster ``i``'s tokens: ``hidden [N, d_proj] -> [N, V_i]``."""
+    def _cluster_logits(self, i: int, hidden: Tensor, shared: Optional[tuple] = None) -> Tensor:
+        """Logits of cluster ``i``'s tokens: ``hidden [N, d_proj] -> [N, V_i]``.
+        ``shared``: ``output_weight(out_layers[0])`` when ``div_val == 1`` with clusters
+        (one table sliced per cluster; materialised once per forward)."""
         proj = self.out_projs[i]
         x = hidden if proj is None else hidden @ proj  # [N, d_i]
         if self.div_val == 1:
-            layer = self.out_layers[0]
             if self.n_clusters == 0:
-                return layer(x)
+                return self.out_layers[0](x)
             start, end = self.bounds[i]
-            weight, bias = output_weight(layer)
+            weight, bias = shared if shared is not None else output_weight(self.out_layers[0])
             return F.linear(x, weight[start:end], None if bias is None else bias[start:end])
         return self.out_layers[i](x)
 
-    def _head_logprob(self, hidden: Tensor) -> Tensor:
+    def _shared_weight(self) -> Optional[tuple]:
+        if self.div_val == 1 and self.n_clusters > 0:
+            return output_weight(self.out_layers[0])
+        return None
+
+    def _head_logprob(self, hidden: Tensor, shared: Optional[tuple] = None) -> Tensor:
         """``[N, shortlist + n_clusters]``: head tokens, then one entry per tail cluster."""
-        logits = self._cluster_logits(0, hidden)
+        logits = self._cluster_logits(0, hidden, shared)
         if self.n_clusters > 0:
             proj = self.out_projs[0]
             x = hidden if proj is None else hidden @ proj
@@ -193,11 +199,12 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     def forward(self, hidden: Tensor, target: Optional[Tensor] = None) -> Tensor:
         if hidden.dim() != 2 or hidden.shape[-1] != self.d_proj:
             raise ValueError(f"hidden must be [N, d_proj={self.d_proj}], got {tuple(hidden.shape)}")
-        head = self._head_logprob(hidden)
+        shared = self._shared_weight()
+        head = self._head_logprob(hidden, shared)
         if target is None:
             parts = [head[:, :self.shortlist_size]]
             for i in range(1, len(self.bounds)):
-                tail = F.log_softmax(self._cluster_logits(i, hidden).float(), dim=-1)
+                tail = F.log_softmax(self._cluster_logits(i, hidden, shared).float(), dim=-1)
                 parts.append(head[:, self.shortlist_size + i - 1, None] + tail)
             return torch.cat(parts, dim=-1)
         if target.shape != hidden.shape[:1]:
@@ -213,7 +220,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             rows = ((safe >= start) & (safe < end)).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            tail = F.log_softmax(self._cluster_logits(i, hidden.index_select(0, rows)).float(), -1)
+            tail = F.log_softmax(self._cluster_logits(i, hidden.index_select(0, rows), shared).float(), -1)
             lp = head.index_select(0, rows)[:, self.shortlist_size + i - 1] + tail.gather(
                 1, (safe.index_select(0, rows) - start).unsqueeze(1)).squeeze(1)
             nll = nll.index_copy(0, rows, -lp)
