@@ -281,8 +281,11 @@ class _BroadcastBmm(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         a, x = ctx.saved_tensors
         grad_a = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.einsum("bmn,bkn->mk", grad, x)
+        if ctx.needs_input_grad[0]:  # sum_b grad[b] @ x[b]^T, in chunks of ~4M floats
+            step = max(1, (1 << 22) // a.numel())
+            grad_a = torch.zeros_like(a)
+            for s in range(0, x.shape[0], step):
+                grad_a += torch.bmm(grad[s:s + step], x[s:s + step].transpose(1, 2)).sum(0)
         if ctx.needs_input_grad[1]:
             grad_x = torch.bmm(a.t().unsqueeze(0).expand(x.shape[0], -1, -1), grad)
         return grad_a, grad_x
@@ -461,7 +464,8 @@ def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
     last = _last_operand(cores[-1], r0)  # [IN, JN, R*R0]
     i_n, j_n, rr = last.shape
     out = broadcast_bmm(last.reshape(i_n * j_n, rr), prefix)  # [P, IN*JN, J']
-    return out.view(-1, j_n * prefix.shape[2])[:num_embeddings]
+    table = out.view(-1, j_n * prefix.shape[2])
+    return table if table.shape[0] == num_embeddings else table[:num_embeddings]
 
 
 def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int) -> Tensor:
