@@ -143,8 +143,9 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
            generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """Batched Lloyd k-means: ``points [G, N, s] -> (centroids [G, K, s], assign [G, N])``,
     one independent problem per leading index. ``init`` is ``"kmeans++"`` or ``"random"``
-    (distinct points drawn uniformly); deterministic for a given ``generator``. An empty
-    cluster keeps its previous centroid. Computed in float32."""
+    (distinct points drawn uniformly); deterministic for a given ``generator`` (default:
+    a fresh one seeded 0). An empty cluster keeps its previous centroid. Computed in
+    float32."""
     if init not in ("kmeans++", "random"):
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
     x = points.detach().to(torch.float32)
@@ -153,7 +154,9 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
         raise ValueError("kmeans needs at least one point")
     device = x.device
     rows = torch.arange(g, device=device)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    gen_device = generator.device
 
     def draw(weights: Tensor) -> Tensor:  # one index per problem, prob ~ weights [G, N]
         w = weights.to(gen_device, torch.float64)
@@ -169,14 +172,25 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
             idx = torch.randint(n, (g, num_clusters), generator=generator,
                                 device=gen_device).to(device)
         centroids = x[rows.unsqueeze(1), idx]
-    else:
+    else:  # k-means++ seeding, on a random subset of the points when there are many
+        seed = x
+        if n > max(4096, 16 * num_clusters):
+            noise = torch.rand(g, n, generator=generator, device=gen_device).to(device)
+            keep = noise.argsort(dim=1)[:, :max(4096, 16 * num_clusters)]
+            seed = x[rows.unsqueeze(1), keep]
+        norms = (seed * seed).sum(-1)  # [G, n']
         centroids = x.new_empty(g, num_clusters, x.shape[2])
-        centroids[:, 0] = x[rows, draw(torch.ones(g, n, device=device))]
-        best = _sqdist(x, centroids[:, :1]).squeeze(2)
+        centroids[:, 0] = seed[rows, draw(torch.ones_like(norms))]
+
+        def sqdist_to(c: Tensor) -> Tensor:  # [G, s] -> [G, n']
+            dots = torch.matmul(seed, c.unsqueeze(2)).squeeze(2)
+            return (norms - 2 * dots + (c * c).sum(-1, keepdim=True)).clamp_min_(0)
+
+        best = sqdist_to(centroids[:, 0])
         for k in range(1, num_clusters):
-            centroids[:, k] = x[rows, draw(best)]
-            best = torch.minimum(best, _sqdist(x, centroids[:, k:k + 1]).squeeze(2))
-    assign = _sqdist(x, centroids).argmin(2)
+            centroids[:, k] = seed[rows, draw(best)]
+            best = torch.minimum(best, sqdist_to(centroids[:, k]))
+    assign = _nearest(x, centroids)
     for _ in range(iters):
         sums = torch.zeros_like(centroids).view(g * num_clusters, -1)
         flat = (assign + rows.unsqueeze(1) * num_clusters).reshape(-1)
@@ -185,17 +199,21 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
         sums = sums.view_as(centroids)
         counts = counts.view(g, num_clusters, 1)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-        new = _sqdist(x, centroids).argmin(2)
+        new = _nearest(x, centroids)
         if torch.equal(new, assign):
             break
         assign = new
     return centroids, assign
 
 
-def _sqdist(x: Tensor, c: Tensor) -> Tensor:
-    """``[G, N, s], [G, K, s] -> [G, N, K]`` squared distances (clamped at 0)."""
-    d = (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1).unsqueeze(1)
-    return d.clamp_min_(0)
+def _nearest(x: Tensor, c: Tensor, block: int = 1 << 22) -> Tensor:
+    """``[G, N, s], [G, K, s] -> [G, N]`` index of the nearest centroid (argmin of
+    ``||c||^2 - 2 x.c``), over blocks of points so that no ``[G, N, K]`` table is built."""
+    step = max(1, block // max(1, x.shape[0] * c.shape[1]))
+    c_sq = (c * c).sum(-1).unsqueeze(1)  # [G, 1, K]
+    ct = c.transpose(1, 2)
+    return torch.cat([torch.baddbmm(c_sq, x[:, i:i + step], ct, alpha=-2).argmin(2)
+                      for i in range(0, x.shape[1], step)], dim=1)
 
 
 # --------------------------------------------------------------------------- distance norm
