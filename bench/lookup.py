@@ -46,8 +46,10 @@ CONFIGS = [  # name, V, J, shape, ranks to run
 @dataclass
 class Case:
     """One timed thing. ``setup()`` builds what ``step`` needs and returns the step: a
-    callable doing one forward+backward (or forward) pass. ``group`` collects cases
-    compared with each other; ``baseline`` marks the group's reference."""
+    callable doing one forward+backward (or forward) pass, which drops the gradients it
+    made before returning (so the peak-memory run sees them allocated within the step).
+    ``group`` collects cases compared with each other; ``baseline`` marks the group's
+    reference."""
 
     name: str
     group: str
@@ -98,13 +100,23 @@ class FullRebuildTT(nn.Module):
         return F.embedding(ids, self.full())
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _lookup_step(module: nn.Module, ids: Tensor, grad: Tensor) -> Callable[[], None]:
+    module, ids, grad = module.to(DEVICE), ids.to(DEVICE), grad.to(DEVICE)
     params = list(module.parameters())
 
     def step() -> None:
-        for p in params:
-            p.grad = None
         module(ids).backward(grad)
+        _sync()
+        for p in params:  # freed at the end, so the next step starts without them
+            p.grad = None
 
     return step
 
@@ -158,34 +170,39 @@ def logits_cases(configs: Sequence = CONFIGS, batches: Dict[str, int] = None) ->
 
         def inputs(b=b, j=j, v=v):
             g = torch.Generator().manual_seed(1)
-            return torch.randn(b, j, generator=g), torch.randn(b, v, generator=g)
+            return (torch.randn(b, j, generator=g).to(DEVICE),
+                    torch.randn(b, v, generator=g).to(DEVICE))
 
         def dense(v=v, j=j, inputs=inputs):
             hidden, grad = inputs()
-            weight = nn.Parameter(torch.randn(v, j) * 0.02)
+            weight = nn.Parameter(torch.randn(v, j, device=DEVICE) * 0.02)
 
             def step() -> None:
-                weight.grad = None
                 F.linear(hidden, weight).backward(grad)
+                _sync()
+                weight.grad = None
             return step
 
         cases.append(Case("dense GEMM", group, dense, baseline=True))
         for r in ranks:
             def tt(v=v, j=j, r=r, shape=shape, inputs=inputs):
                 hidden, grad = inputs()
-                layer = TTEmbedding(v, j, r, shape=shape)
+                layer = TTEmbedding(v, j, r, shape=shape).to(DEVICE)
 
                 def step() -> None:
+                    layer.logits(hidden).backward(grad)
+                    _sync()
                     for p in layer.parameters():
                         p.grad = None
-                    layer.logits(hidden).backward(grad)
                 return step
 
             cases.append(Case(f"TT r={r}", group, tt))
     return cases
 
 
-# Functions returning lists of cases; the DPQ cases (bench/dpq_cases.py) join here.
+# Functions returning lists of cases, and functions turning the measured cases into
+# (description, ratio, limit, passed) rows; other methods' cases join here (e.g.
+# bench.dpq_cases.cases / bench.dpq_cases.targets).
 CASE_SOURCES: List[Callable[[], List[Case]]] = [lookup_cases, logits_cases]
 
 
@@ -201,7 +218,18 @@ def _status_kib(field_name: str) -> int:
 def _peak_child(case: Case, threads: int, conn) -> None:
     torch.set_num_threads(threads)
     try:
+        import ctypes
+
+        # fixed mmap threshold: every block > 64 KiB is mapped on allocation and unmapped
+        # when freed, so the resident set follows the live tensors (no reuse of pages
+        # kept by malloc); then one warm-up step (one-time library buffers) and the
+        # measured one.
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+    try:
         step = case.setup()
+        step()
         base = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark
             f.write("5")
@@ -213,8 +241,8 @@ def _peak_child(case: Case, threads: int, conn) -> None:
 
 
 def peak_memory_mib(case: Case, threads: int) -> Optional[float]:
-    """Resident-set growth (MiB) of one step in a fresh forked process (so no earlier
-    case's freed memory is reused); None where /proc is not available."""
+    """Resident-set growth (MiB) of one step (after a warm-up step) in a forked process
+    (so no earlier case's freed memory is reused); None where /proc is not available."""
     if not os.path.exists("/proc/self/clear_refs") or "fork" not in mp.get_all_start_methods():
         return None
     ctx = mp.get_context("fork")
@@ -296,28 +324,38 @@ def targets(cases: List[Case]) -> List[Tuple[str, float, float, bool]]:
     return out
 
 
+TARGET_SOURCES: List[Callable[[List[Case]], List[Tuple[str, float, float, bool]]]] = [targets]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per case")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", default="2",
+                        help="torch.set_num_threads; a comma list runs everything once per value")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-tr", action="store_true", help="leave out the TR layer")
     parser.add_argument("--only", default="", help="run only groups containing this text")
     args = parser.parse_args(argv)
-    cases: List[Case] = []
-    for source in CASE_SOURCES:
-        cases += source(tr=not args.no_tr) if source is lookup_cases else source()
-    if args.only:
-        cases = [c for c in cases if args.only in c.group]
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, "
-          f"batch {BATCH} ids")
-    run(cases, args.repeats, args.threads, memory=not args.no_memory)
-    print(report(cases))
-    rows = targets(cases)
-    if rows:
-        print("\ntargets (ratios of medians in this run)")
-        for desc, x, limit, ok in rows:
-            print(f"  {'PASS' if ok else 'MISS'}  {desc} = {x:.2f} (target <= {limit})")
+    DEVICE = torch.device(args.device)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        cases: List[Case] = []
+        for source in CASE_SOURCES:
+            cases += source(tr=not args.no_tr) if source is lookup_cases else source()
+        if args.only:
+            cases = [c for c in cases if args.only in c.group]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"\n=== torch {torch.__version__} on {DEVICE}, {threads} threads, {args.repeats} "
+              f"repeats, batch {BATCH} ids (load average {load:.1f} on {os.cpu_count()} cpus)")
+        memory = not args.no_memory and DEVICE.type == "cpu"
+        run(cases, args.repeats, threads, memory=memory)
+        print(report(cases))
+        rows = [row for source in TARGET_SOURCES for row in source(cases)]
+        if rows:
+            print("\ntargets (ratios of medians in this run)")
+            for desc, x, limit, ok in rows:
+                print(f"  {'PASS' if ok else 'MISS'}  {desc} = {x:.2f} (target <= {limit})")
 
 
 if __name__ == "__main__":
