@@ -77,6 +77,25 @@ def test_forward_materialize_and_logits(shared, K):
     torch.testing.assert_close(gv, gv_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("K,D,shared", [(2, 8, False), (4, 4, False), (3, 8, True), (16, 6, False),
+                                        (11, 2, True), (16, 1, False)])
+def test_byte_table_lookup_equals_per_code_lookup(K, D, shared):
+    """1-, 2- and 4-bit codes are looked up a byte at a time; the rows (and the
+    gradients of the values) are those of the per-code gather."""
+    layer, codes, values = _table(V=30, K=K, D=D, s=2, shared=shared)
+    books = values.expand(D, -1, -1)
+    table = torch.cat([books[g][codes[:, g]] for g in range(D)], dim=1)
+    idx = torch.tensor([[0, 29, 7], [7, 3, 12]])
+    out = layer(idx)
+    assert torch.equal(out, table[idx])
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    ref = values.clone().requires_grad_(True)
+    ref_table = torch.cat([ref.expand(D, -1, -1)[g][codes[:, g]] for g in range(D)], dim=1)
+    (ref_table[idx] * w).sum().backward()
+    torch.testing.assert_close(layer.values.grad, ref.grad)
+
+
 def test_logits_over_many_symbols_use_tiles():
     layer, _, _ = _table(V=2500, K=8, D=2, s=4)
     hidden = torch.randn(5, 8)

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
-from .math import (check_groups, code_bits, codebook_index, codebook_logits, pack_codes,
-                   packed_num_bytes, unpack_codes, unpack_rows)
+from .math import (byte_lookup, byte_lookup_applies, byte_table, check_groups, code_bits,
+                   codebook_index, codebook_logits, pack_codes, unpack_codes, unpack_rows)
 
 __all__ = ["CodebookEmbedding", "table_logits"]
 
@@ -99,13 +99,19 @@ class CodebookEmbedding(nn.Module):
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]`` (values' dtype)."""
         check_indices(indices, self.num_embeddings)
+        if byte_lookup_applies(self.num_groups, self.bits):  # 1, 2, 4 bits: a row per byte
+            table = byte_table(self.values, self.num_groups, self.bits)
+            out = byte_lookup(self.packed_codes, table, self.num_groups, self.bits, indices)
+            return self._mask_padding(out, indices)
         codes = unpack_rows(self.packed_codes, self.bits, self.num_groups, indices)
         return self._lookup(codes, indices)
 
     def _lookup(self, codes: Tensor, indices: Tensor) -> Tensor:
         table = self.values.reshape(-1, self.values.shape[-1])
         rows = F.embedding(codebook_index(codes, self.num_codes, self.shared_subspace), table)
-        out = rows.reshape(*indices.shape, self.embedding_dim)
+        return self._mask_padding(rows.reshape(*indices.shape, self.embedding_dim), indices)
+
+    def _mask_padding(self, out: Tensor, indices: Tensor) -> Tensor:
         if self.padding_idx is not None:
             out = out.masked_fill((indices == self.padding_idx).unsqueeze(-1), 0)
         return out

@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "code_bits", "packed_num_bytes", "pack_codes", "unpack_codes", "unpack_rows",
+    "byte_table", "byte_lookup", "byte_lookup_applies",
     "codebook_storage_bytes", "dpq_ratio", "divisors", "check_groups", "kmeans",
     "batch_moments", "update_running_stats", "normalize_scores", "all_reduce_",
     "distributed_world_size", "codebook_index", "codebook_logits",
@@ -135,6 +136,42 @@ def unpack_rows(packed: Tensor, bits: int, num_groups: int, rows: Tensor) -> Ten
         return codes.view(*rows.shape, num_groups)
     groups = torch.arange(num_groups, device=rows.device)
     return unpack_codes(packed, bits, rows.to(torch.int64).unsqueeze(-1) * num_groups + groups)
+
+
+def byte_table(values: Tensor, num_groups: int, bits: int) -> Tensor:
+    """For widths ``bits`` in 1, 2, 4 (several codes per byte, none straddling): the
+    table ``[R*256, (8/bits)*s]`` whose row ``j*256 + b`` is the concatenation of the
+    value rows that byte value ``b`` selects in the ``j``-th byte of a symbol's packed
+    codes (``R = D*bits/8`` bytes per symbol). A lookup then reads one row per byte
+    instead of one per code, without unpacking. Built from ``values [G, Kc, s]`` by one
+    gather (``256*d`` numbers; differentiable); codes past ``Kc - 1`` (unused byte
+    values) are clamped."""
+    per = 8 // bits
+    num_books, num_codes, sub = values.shape
+    row_bytes = num_groups * bits // 8
+    device = values.device
+    byte = torch.arange(256, device=device)
+    slot = torch.arange(per, device=device)
+    codes = ((byte.unsqueeze(1) >> (slot * bits)) & ((1 << bits) - 1)).clamp_max(num_codes - 1)
+    groups = torch.arange(row_bytes, device=device).unsqueeze(1) * per + slot  # [R, per]
+    book = groups if num_books > 1 else torch.zeros_like(groups)
+    index = book.unsqueeze(1) * num_codes + codes  # [R, 256, per]
+    rows = F.embedding(index, values.reshape(-1, sub))  # [R, 256, per, s]
+    return rows.reshape(row_bytes * 256, per * sub)
+
+
+def byte_lookup(packed: Tensor, table: Tensor, num_groups: int, bits: int,
+                rows: Tensor) -> Tensor:
+    """Rows ``[..., d]`` of symbols ``rows [...]`` through :func:`byte_table`."""
+    row_bytes = num_groups * bits // 8
+    data = packed.view(-1, row_bytes)[rows.reshape(-1)]  # [N, R] uint8
+    offsets = torch.arange(row_bytes, device=packed.device) * 256
+    out = F.embedding(torch.add(data, offsets), table)  # [N, R, per*s]
+    return out.reshape(*rows.shape, -1)
+
+
+def byte_lookup_applies(num_groups: int, bits: int) -> bool:
+    return bits < 8 and 8 % bits == 0 and (num_groups * bits) % 8 == 0
 
 
 # --------------------------------------------------------------------------- k-means
