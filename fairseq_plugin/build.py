@@ -33,11 +33,28 @@ def build_token_embedding(args: Any, num_embeddings: int, embedding_dim: int,
     """
     spec = spec_from_args(args)
     try:
+        if getattr(args, "emb_codebook", False):
+            return _empty_codebook(spec, num_embeddings, embedding_dim, padding_idx)
         layer = compemb.build_embedding(spec, num_embeddings, embedding_dim, padding_idx)
     except ValueError as err:
         raise describe_layer_error(err, args, what, num_embeddings, embedding_dim) from None
     _fairseq_scale(layer, spec.method, embedding_dim, padding_idx)
     return layer
+
+
+def _empty_codebook(spec: compemb.EmbeddingSpec, num_embeddings: int, embedding_dim: int,
+                    padding_idx: Optional[int]) -> nn.Module:
+    """A :class:`compemb.dpq.CodebookEmbedding` of the spec's shape, all codes and values
+    zero, to load an exported checkpoint into."""
+    from compemb.dpq import CodebookEmbedding
+    from compemb.dpq.math import check_groups
+
+    c = spec.config
+    check_groups(embedding_dim, c.num_groups)
+    books = 1 if c.shared_subspace else c.num_groups
+    return CodebookEmbedding(
+        torch.zeros(num_embeddings, c.num_groups, dtype=torch.long),
+        torch.zeros(books, c.num_codes, embedding_dim // c.num_groups), padding_idx=padding_idx)
 
 
 def _fairseq_scale(layer: nn.Module, method: str, embedding_dim: int,
@@ -97,6 +114,8 @@ def compression_record(args: Any, softmax: str) -> Dict[str, Any]:
     for key, value in spec.to_dict().items():
         if key != "method":
             record[flag_of.get(key, f"({key})")] = value
+    if getattr(args, "emb_codebook", False):
+        record["--emb-codebook"] = True
     record["--softmax"] = softmax
     return record
 

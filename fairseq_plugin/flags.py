@@ -58,6 +58,10 @@ class CompembFlags(FairseqDataclass):
         "help": "dpq: 'sx' (softmax straight-through) or 'vq' (vector quantisation)"})
     emb_shared_subspace: bool = field(default=False, metadata={
         "help": "dpq: one key/value codebook for all groups"})
+    emb_codebook: bool = field(default=False, metadata={
+        "help": "dpq: the model holds the inference form of its tables (packed codes and "
+                "values, no query table); set in the checkpoints written by "
+                "`python -m fairseq_plugin.export`, for generate/eval-lm/validate"})
     softmax: Optional[str] = field(default=None, metadata={
         "help": "output layer: tied (the input embedding's compressed table), untied (a "
                 "second compressed table of the same shape) or dense (a plain matrix); "
@@ -171,6 +175,9 @@ def spec_from_args(args: Any) -> compemb.EmbeddingSpec:
                 + (f"its flags are {', '.join(usable)}" if usable else f"{method} takes no "
                    f"--emb-* settings") + f" (drop {_flag(name)} or pick a method it applies to)")
         options[option] = _PARSERS.get(name, lambda v: v)(value)
+    if getattr(args, "emb_codebook", False) and method != "dpq":
+        raise ValueError(f"--emb-codebook is the inference form of --emb-method dpq; drop it "
+                         f"for --emb-method {method}")
     try:
         return compemb.EmbeddingSpec(method, options)
     except TypeError as err:  # a required setting of the method is missing

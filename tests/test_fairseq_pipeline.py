@@ -22,6 +22,9 @@ import fairseq_plugin  # noqa: E402,F401
 from fairseq import checkpoint_utils, options  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq_cli import eval_lm, generate, preprocess, train, validate  # noqa: E402
+from compemb.dpq import CodebookEmbedding  # noqa: E402
+from fairseq_plugin.export import export_checkpoint, state_tensor_bytes  # noqa: E402
+from fairseq_plugin.export import main as export_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,3 +195,105 @@ def test_train_resume_evaluate(corpora, tmp_path, caplog, model, method, softmax
             validate.main(convert_namespace_to_omegaconf(args))
         losses = [float(m) for msg in messages for m in re.findall(r"\| loss ([0-9.]+) \|", msg)]
         assert len(losses) == 1 and abs(losses[0] - _val_loss(last)) < 1e-3
+
+
+def _model_and_report(path, data):
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [str(path)], arg_overrides={"data": data})
+    model = models[0]
+    # buffers that are not part of the state (fairseq's sinusoidal position table) are
+    # rebuilt on load, not stored
+    transient = sum(b.nbytes for name, b in model.named_buffers()
+                    if name not in model.state_dict())
+    return model, compemb.compression_report(model), transient
+
+
+def test_checkpoint_holds_only_compressed_parameters_tt(corpora, tmp_path):
+    """TT: the checkpoint's model tensors are the cores plus the rest of the model, byte
+    for byte what the compression report says is stored; no V x J table anywhere."""
+    save = tmp_path / "ck"
+    data = _data(corpora, "translation")
+    fairseq_train([data, *COMMON, *TRAIN, *MODEL_ARGS["translation"], *METHOD_FLAGS["tt"],
+                   "--share-all-embeddings", "--max-epoch", "1", "--save-dir", str(save),
+                   "--no-save-optimizer-state"])
+    last = save / "checkpoint_last.pt"
+    state = torch.load(last)
+    model, report, transient = _model_and_report(last, data)
+    V, J = len(model.encoder.dictionary), 64
+    assert report.rows[0].storage.stored_parameters < V * J / 1.5
+    assert state_tensor_bytes(state["model"]) == report.model_stored_bytes - transient
+    assert not any(torch.is_tensor(v) and v.numel() >= V * J for k, v in state["model"].items()
+                   if "embed" in k or "output_projection" in k)
+    # the file: those tensors plus the pickled config, counters and the like
+    assert 0 < last.stat().st_size - state_tensor_bytes(state["model"]) < 64 * 1024
+
+
+def test_dpq_export_holds_only_codes_and_values(corpora, tmp_path):
+    """DPQ: training checkpoints also hold the query table (to resume); the exported
+    checkpoint holds the packed codes and values only, matches the report byte for byte,
+    and evaluates exactly as the training checkpoint does."""
+    save = tmp_path / "ck"
+    data = _data(corpora, "lm")
+    fairseq_train([data, *COMMON, *TRAIN, *MODEL_ARGS["lm"], *METHOD_FLAGS["dpq"],
+                   "--softmax", "tied", "--max-epoch", "1", "--save-dir", str(save)])
+    last, out = save / "checkpoint_last.pt", tmp_path / "export.pt"
+    assert export_main([str(last), str(out)]) == 0
+    state = torch.load(out)
+    assert not any(k.endswith((".query", ".key_weight")) for k in state["model"])
+    assert state["model"]["_extra_state"]["compemb"]["--emb-codebook"] is True
+    assert "last_optimizer_state" not in state
+    model, report, transient = _model_and_report(out, data)
+    assert isinstance(model.decoder.embed_tokens, CodebookEmbedding)
+    assert model.decoder.output_projection.table is model.decoder.embed_tokens
+    assert state_tensor_bytes(state["model"]) == report.model_stored_bytes - transient
+
+    def perplexity(path):
+        parser = options.get_eval_lm_parser()
+        args = options.parse_args_and_arch(parser, [
+            data, "--user-dir", PLUGIN, "--cpu", "--path", str(path), "--tokens-per-sample",
+            "32", "--max-tokens", "1000", "--required-batch-size-multiple", "1"])
+        return float(eval_lm.main(convert_namespace_to_omegaconf(args))["perplexity"])
+    assert perplexity(out) == pytest.approx(perplexity(last), rel=1e-6)
+
+    before = last.read_bytes()
+    with pytest.raises(ValueError, match=r"OUT must differ from IN"):
+        export_checkpoint(str(last), str(last))
+    assert last.read_bytes() == before
+    with pytest.raises(ValueError, match=r"already exported \(--emb-codebook\)"):
+        export_checkpoint(str(out), str(tmp_path / "again.pt"))
+
+
+def test_resume_with_other_compression_flags_is_refused(corpora, tmp_path, caplog):
+    save = tmp_path / "ck"
+    data = _data(corpora, "translation")
+    base = [data, *COMMON, *TRAIN, *MODEL_ARGS["translation"], "--save-dir", str(save)]
+    fairseq_train(base + [*METHOD_FLAGS["tt"], "--max-epoch", "1"])
+    last = save / "checkpoint_last.pt"
+    before = last.read_bytes()
+    with pytest.raises(Exception) as info:
+        fairseq_train(base + ["--emb-method", "tt", "--emb-rank", "4", "--max-epoch", "2"])
+    cause = info.value.__context__ or info.value
+    assert isinstance(cause, ValueError)
+    assert re.search(r"trained with other compression flags \(--emb-rank differ\): it has "
+                     r"--emb-method tt --emb-rank 8 .*this run has --emb-method tt --emb-rank 4",
+                     str(cause))
+    with pytest.raises(Exception) as info:
+        fairseq_train(base + [*METHOD_FLAGS["tt"], "--softmax", "dense", "--max-epoch", "2"])
+    assert "--softmax differ" in str(info.value.__context__ or info.value)
+    assert last.read_bytes() == before  # nothing written
+    with pytest.raises(ValueError, match=r"only --emb-method dpq checkpoints"):
+        export_checkpoint(str(last), str(tmp_path / "x.pt"))
+
+
+def test_loss_decreases_on_reverse_task(corpora, tmp_path):
+    """Translation (reverse the sentence) with TT embeddings and the tied TT softmax."""
+    save = tmp_path / "ck"
+    argv = [_data(corpora, "translation"), *COMMON, *TRAIN, *MODEL_ARGS["translation"],
+            *METHOD_FLAGS["tt"], "--share-all-embeddings", "--max-tokens", "150",
+            "--save-dir", str(save)]
+    fairseq_train(argv + ["--max-epoch", "1"])
+    first = _val_loss(save / "checkpoint_last.pt")
+    fairseq_train(argv + ["--max-epoch", "10"])
+    last = _val_loss(save / "checkpoint_last.pt")
+    # uniform over the 20 words is log2(20) = 4.3 bits
+    assert first > 3.0 and last < first - 1.5, (first, last)
