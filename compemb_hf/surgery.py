@@ -455,6 +455,10 @@ def _install_guards(model: nn.Module) -> None:
     from transformers import PreTrainedModel
 
     model.resize_token_embeddings = types.MethodType(_refuse_resize, model)
+    # transformers refuses .half() / .float() on any "quantized" model; compressed tables
+    # are ordinary floating-point parameters and cast like the rest of the model
+    model.half = types.MethodType(nn.Module.half, model)
+    model.float = types.MethodType(nn.Module.float, model)
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
             sub._init_weights = types.MethodType(_tolerant_init_weights, sub)

@@ -304,3 +304,16 @@ def test_generate_after_reload(family, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert torch.equal(loaded.generate(input_ids=ids, max_new_tokens=4, do_sample=False), out)
+
+
+def test_dtype_casts_work_on_a_compressed_model():
+    model = tiny_model("gpt2").eval()
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    x = dummy_inputs("gpt2")
+    with torch.no_grad():
+        ref = model(**x).logits
+        model.half().float()
+        assert model.get_input_embeddings().cores[0].dtype == torch.float32
+        model.to(torch.bfloat16)
+        assert model.get_input_embeddings().cores[0].dtype == torch.bfloat16
+        assert torch.allclose(model(**x).logits.float(), ref, atol=0.1)
