@@ -21,7 +21,7 @@ import compemb  # noqa: E402
 import fairseq_plugin  # noqa: E402,F401
 from fairseq import checkpoint_utils, options  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
-from fairseq_cli import eval_lm, generate, preprocess, train, validate  # noqa: E402
+from fairseq_cli import eval_lm, generate, interactive, preprocess, train, validate  # noqa: E402
 from compemb.dpq import CodebookEmbedding  # noqa: E402
 from fairseq_plugin.export import export_checkpoint, state_tensor_bytes  # noqa: E402
 from fairseq_plugin.export import main as export_main  # noqa: E402
@@ -146,7 +146,7 @@ def _data(corpora, model):
 
 @pytest.mark.parametrize("model,method,softmax", PIPELINES,
                          ids=["-".join(p) for p in PIPELINES])
-def test_train_resume_evaluate(corpora, tmp_path, caplog, model, method, softmax):
+def test_train_resume_evaluate(corpora, tmp_path, caplog, capsys, model, method, softmax):
     caplog.set_level(logging.INFO)
     save = tmp_path / "ck"
     argv = [_data(corpora, model), *COMMON, *TRAIN, *MODEL_ARGS[model], *METHOD_FLAGS[method],
@@ -178,6 +178,17 @@ def test_train_resume_evaluate(corpora, tmp_path, caplog, model, method, softmax
         generate.main(convert_namespace_to_omegaconf(args))
         out = (tmp_path / "gen" / "generate-test.txt").read_text()
         assert len(re.findall(r"^H-\d+\t", out, flags=re.M)) == 12  # every test sentence
+        # fairseq-interactive, reading two sentences
+        (tmp_path / "in.txt").write_text("w1 w2 w3\nw4 w5 w6 w7\n")
+        args = options.parse_args_and_arch(options.get_interactive_generation_parser(),
+                                           common_eval + [
+            "--beam", "2", "--max-len-b", "10", "--source-lang", "src", "--target-lang",
+            "tgt", "--input", str(tmp_path / "in.txt")])
+        capsys.readouterr()
+        interactive.main(convert_namespace_to_omegaconf(args))
+        hyps = re.findall(r"^H-(\d)\t\S+\t(.*)$", capsys.readouterr().out, flags=re.M)
+        assert [h[0] for h in hyps] == ["0", "1"]
+        assert all(set(h[1].split()) <= set(WORDS) for h in hyps)
     elif model == "lm":
         parser = options.get_eval_lm_parser()
         args = options.parse_args_and_arch(parser, common_eval + [
