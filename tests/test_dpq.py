@@ -143,7 +143,6 @@ def test_vq_values_learn_only_through_the_injected_codebook_loss():
     idx = _ids()
     out = layer(idx)
     out.sum().backward()  # task loss gives values nothing directly (straight-through)
-    codes = layer.codes  # noqa: F841  (keeps the API in view)
     q = layer.query.detach()[idx.reshape(-1)].view(-1, 3, 4)
     vc = out.detach().reshape(-1, 3, 4)
     expected = torch.zeros_like(layer.values)
@@ -285,6 +284,19 @@ def test_padding_row_is_zero_and_gets_no_gradient():
     layer.eval()
     assert (layer(idx)[0, 0] == 0).all() and (layer.export()(idx)[0, 0] == 0).all()
     assert DPQEmbedding(10, 4, 2, 2, padding_idx=-1).padding_idx == 9
+
+
+@pytest.mark.parametrize("variant", ["sx", "vq"])
+def test_empty_and_all_padding_batches_leave_statistics_alone(variant):
+    layer = _layer(variant, padding_idx=0)
+    before = layer.running_mean.clone(), layer.running_var.clone()
+    empty = layer(torch.zeros(0, 3, dtype=torch.long))
+    assert empty.shape == (0, 3, 12)
+    out = layer(torch.zeros(2, 5, dtype=torch.long))
+    assert (out == 0).all()
+    (out.sum() + empty.sum()).backward()
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert (layer.query.grad == 0).all()
 
 
 @pytest.mark.parametrize("kwargs,match", [

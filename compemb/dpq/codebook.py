@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
 from .math import (byte_lookup, byte_lookup_applies, byte_table, check_groups, code_bits,
-                   codebook_index, codebook_logits, pack_codes, unpack_codes, unpack_rows)
+                   codebook_index, codebook_logits, pack_codes, unpack_rows)
 
 __all__ = ["CodebookEmbedding", "table_logits"]
 
@@ -152,9 +152,9 @@ class CodebookEmbedding(nn.Module):
                 error_msgs.append(f"{type(self).__name__}: {prefix}packed_codes has dtype "
                                   f"{packed.dtype} in the checkpoint, expected torch.uint8")
             elif self.num_codes < (1 << self.bits):
-                positions = torch.arange(self.num_embeddings * self.num_groups,
-                                         device=packed.device)
-                top = int(unpack_codes(packed, self.bits, positions).max()) if positions.numel() else 0
+                rows = torch.arange(self.num_embeddings, device=packed.device)
+                codes = unpack_rows(packed, self.bits, self.num_groups, rows)
+                top = int(codes.max()) if codes.numel() else 0
                 if top >= self.num_codes:
                     error_msgs.append(f"{type(self).__name__}: {prefix}packed_codes holds code "
                                       f"{top}, out of range for num_codes={self.num_codes}")

@@ -1,7 +1,7 @@
 """DPQEmbedding: an embedding table trained end to end as discrete codes (DPQ-SX/VQ)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +145,8 @@ class DPQEmbedding(nn.Module):
     def _rows(self, ids: Tensor, weights: Tensor, training: bool) -> Tensor:
         """Output rows ``[U, d]`` for symbols ``ids [U]`` standing for ``weights [U]``
         tokens each."""
-        q = self.query[ids].view(ids.shape[0], self.num_groups, -1)  # [U, D, s]
+        sub = self.embedding_dim // self.num_groups
+        q = self.query[ids].view(ids.shape[0], self.num_groups, sub)  # [U, D, s]
         with torch.autocast(ids.device.type, enabled=False):
             qg = q.float().transpose(0, 1)  # [D, U, s]
             if training and self.variant == "sx" and torch.is_grad_enabled():

@@ -5,7 +5,6 @@ Shapes: ``V`` symbols, ``d`` embedding dim, ``D`` groups, ``s = d // D`` sub-vec
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
