@@ -44,9 +44,15 @@ class DPQEmbedding(nn.Module):
 
     With ``distance_norm`` the scores are batch-normalised per (group, code) over the
     mini-batch's tokens (no scale, no shift) in training, with running statistics
-    (``running_mean``, ``running_var`` buffers, saved in ``state_dict``) in eval. Under
-    ``torch.distributed`` with several processes the batch statistics are all-reduced
-    (differentiably, like ``nn.SyncBatchNorm``), so every process uses the global ones.
+    (``running_mean``, ``running_var`` buffers ``[D, Kc]``, momentum 0.1 as in
+    ``nn.BatchNorm``, saved in ``state_dict``) in eval. Under ``torch.distributed`` with
+    several processes the batch statistics are all-reduced, and so are the matching
+    gradient sums in backward (as ``nn.SyncBatchNorm`` does): every process normalises by
+    the global batch and DDP training matches one process on the whole batch.
+
+    Memory: the ``[U, D, Kc]`` scores are handled a few groups at a time and recomputed
+    in the backward pass rather than stored, so training keeps ``O(U*d)`` per batch
+    beyond the parameters.
 
     In eval the output is ``values`` gathered by the codes: exactly what
     :meth:`export` 's :class:`CodebookEmbedding` returns. On CPU (outside
@@ -90,7 +96,8 @@ class DPQEmbedding(nn.Module):
             self.register_buffer("running_mean", torch.zeros(num_groups, num_codes))
             self.register_buffer("running_var", torch.ones(num_groups, num_codes))
         else:
-            self.running_mean = self.running_var = None
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
         self.codebook_loss: Optional[Tensor] = None
         self.reset_parameters()
 
