@@ -142,6 +142,14 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_data_parallel_on_cpu_matches_one_process(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(DDP_SCRIPT)
@@ -150,7 +158,7 @@ def test_two_process_data_parallel_on_cpu_matches_one_process(tmp_path):
     out = str(tmp_path / "state")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "29517", str(script), out]
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script), out]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, str(script), out], env=env, capture_output=True,
