@@ -70,7 +70,7 @@ class CompembFlags(FairseqDataclass):
                 "without --untie-weights-roberta), untied otherwise"})
 
 
-FLAG_NAMES = [f.name for f in dataclasses.fields(CompembFlags)]
+FLAG_NAMES = [f.name for f in dataclasses.fields(CompembFlags) if not f.name.startswith("_")]
 
 
 def add_flags(parser) -> None:
@@ -219,7 +219,8 @@ def _as_flags(spec: compemb.EmbeddingSpec) -> str:
     inverse = {o: _flag(n) for n, o in FLAG_TO_OPTION.items()}
     parts = [f"--emb-method {spec.method}"]
     for key, value in spec.options.items():
-        if key not in inverse or value is None or value is False:
+        if key not in inverse or value is None or value is False or (
+                key == "num_factors" and spec.options.get("shape") is not None):
             continue
         if key == "shape":
             value = "x".join(",".join(str(v) for v in half) for half in value)

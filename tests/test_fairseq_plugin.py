@@ -257,8 +257,11 @@ def test_bad_lm_and_roberta_flags(data_dir):
 @pytest.mark.skipif("tt" not in load_methods(), reason="needs compemb.tt registered")
 def test_tt_shape_that_does_not_factorise(data_dir):
     # 40 symbols, 64 dims: rows 2*2*2 = 8 < 40
-    with pytest.raises(ValueError, match=r"--emb-method tt .*--emb-shape 2,2,2x4,4,4.*"
-                                         r"cannot compress the embedding of the 40-symbol"):
+    with pytest.raises(ValueError, match=r"^--emb-method tt --emb-shape 2,2,2x4,4,4: cannot "
+                                         r"compress the embedding of the 40-symbol dictionary "
+                                         r"\(40 x 64\): .*\(flags: shape=--emb-shape\); for "
+                                         r"example --emb-method tt --emb-rank \d+ --emb-shape "
+                                         r"[\d,]+x[\d,]+ reaches 10x for this table$"):
         build(data_dir, "translation", "compemb_transformer_tiny", "--emb-method", "tt",
               "--emb-shape", "2,2,2x4,4,4")
     with pytest.raises(ValueError, match=r"--emb-shape must be .*such as '25,30,40x4,8,8'"):
