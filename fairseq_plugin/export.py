@@ -26,7 +26,8 @@ __all__ = ["export_checkpoint", "state_tensor_bytes"]
 def export_checkpoint(src: str, dst: str, data: Optional[str] = None) -> Dict[str, int]:
     """Read the fairseq checkpoint ``src`` (trained with ``--emb-method dpq``) and write its
     inference form to ``dst``. ``data``: the binarised data folder (for its dictionaries)
-    when it is no longer where training read it. Returns ``{"tables": n, "bytes_before": .., "bytes_after": ..}``
+    when it is no longer where training read it. Returns
+    ``{"tables": n, "bytes_before": .., "bytes_after": ..}``
     (bytes of the model's tensors). ``ValueError`` for a checkpoint without DPQ tables;
     ``dst`` is only written once the export succeeded."""
     from compemb.dpq import DPQEmbedding

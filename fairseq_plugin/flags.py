@@ -5,9 +5,8 @@ fields into ``--emb-method``, ``--emb-rank`` ...). Models with an argparse ``add
 add them with :func:`add_flags`; the language model's dataclass config inherits them.
 
 Everything here is a pure function of the parsed arguments: no module is built.
+(No ``from __future__ import annotations``: fairseq reads the field types at runtime.)
 """
-
-
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -94,11 +93,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _get(args: Any, name: str, default: Any = None) -> Any:
-    value = getattr(args, name, default)
-    return default if value is None else value
-
-
 def _parse_ints(flag: str, text: Any, example: str) -> List[int]:
     if isinstance(text, int) and not isinstance(text, bool):
         return [text]
@@ -138,7 +132,7 @@ _PARSERS = {"emb_rank": parse_rank, "emb_shape": parse_shape}
 
 def flag_settings(args: Any) -> Dict[str, Any]:
     """The compression flags as given (``{"--emb-method": "tt", "--emb-rank": "16"}``),
-    unset ones left out: what a checkpoint records to be compared on loading."""
+    unset ones left out (for messages)."""
     out = {}
     for name in FLAG_NAMES:
         value = getattr(args, name, None)
@@ -185,7 +179,8 @@ def spec_from_args(args: Any) -> compemb.EmbeddingSpec:
                   if o in fields and o not in options]
         raise ValueError(f"--emb-method {method}: {err}; set it with {', '.join(needed)}") from None
     except ValueError as err:
-        raise ValueError(f"--emb-method {method} {_describe(options)}: {_flagify(str(err))}") from None
+        raise ValueError(f"--emb-method {method} {_describe(options)}: "
+                         f"{_flagify(str(err))}") from None
 
 
 def _describe(options: Dict[str, Any]) -> str:

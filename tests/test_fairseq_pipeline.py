@@ -173,7 +173,8 @@ def test_train_resume_evaluate(corpora, tmp_path, caplog, capsys, model, method,
     if model == "translation":
         parser = options.get_generation_parser()
         args = options.parse_args_and_arch(parser, common_eval + [
-            "--beam", "2", "--batch-size", "16", "--max-len-b", "10", "--results-path", str(tmp_path / "gen"),
+            "--beam", "2", "--batch-size", "16", "--max-len-b", "10",
+            "--results-path", str(tmp_path / "gen"),
             "--required-batch-size-multiple", "1"])
         generate.main(convert_namespace_to_omegaconf(args))
         out = (tmp_path / "gen" / "generate-test.txt").read_text()
