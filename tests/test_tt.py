@@ -56,6 +56,7 @@ def test_element_is_the_core_product():
     for i, j in [(0, 0), (59, 23), (17, 11), (42, 5)]:
         di = [i // 20, (i // 5) % 4, i % 5]
         dj = [j % 2, (j // 2) % 3, j // 6]
+        assert [int(d) for d in ttm.index_digits(torch.tensor(i), (3, 4, 5))] == di
         prod = torch.ones(1, 1, dtype=torch.float64)
         for k, core in enumerate(layer.cores):
             prod = prod @ core[:, di[k], dj[k], :]

@@ -55,7 +55,7 @@ class TensorNetworkEmbedding(nn.Module):
             [nn.Parameter(torch.randn(s) * std) for s in ttm.core_shapes(self.shape, self.ranks)])
 
     # ------------------------------------------------------------------ lookups
-    def _cores(self, device_type: str) -> List[Tensor]:
+    def _cores(self) -> List[Tensor]:
         dtype = _compute_dtype(self.cores[0].dtype)
         return [c.to(dtype) for c in self.cores]
 
@@ -63,7 +63,7 @@ class TensorNetworkEmbedding(nn.Module):
         """``input [...]`` (integer ids) -> ``[..., embedding_dim]``.
 
         Rows are computed from the cores once per distinct id of the batch, each distinct
-        prefix ``(i1..ik)`` once (see :func:`compemb.tt.math.gather_rows`); the ``V x J``
+        prefix ``(i1..ik)`` once (see :func:`compemb.tt.math.lookup`); the ``V x J``
         table is never built. Under ``torch.compile`` ids are not de-duplicated (static
         shapes). Products run in float32 (also under autocast); the output has the
         cores' dtype, like ``nn.Embedding``'s."""
@@ -71,7 +71,7 @@ class TensorNetworkEmbedding(nn.Module):
         flat = input.reshape(-1).long()
         rows_f = self.shape[0]
         with torch.autocast(input.device.type, enabled=False):
-            cores = self._cores(input.device.type)
+            cores = self._cores()
             if torch.compiler.is_compiling() or flat.numel() == 0:
                 out = ttm.gather_rows(cores, flat, rows_f, share=False)
                 if self.padding_idx is not None:
@@ -83,7 +83,7 @@ class TensorNetworkEmbedding(nn.Module):
     def materialize(self) -> Tensor:
         """The ``[V, J]`` table (float32 or wider; padding row zero)."""
         with torch.autocast(self.cores[0].device.type, enabled=False):
-            table = ttm.full_table(self._cores(self.cores[0].device.type), self.num_embeddings)
+            table = ttm.full_table(self._cores(), self.num_embeddings)
             if self.padding_idx is not None:
                 table = table.index_fill(0, torch.tensor([self.padding_idx], device=table.device), 0.0)
         return table
@@ -115,7 +115,7 @@ class TensorNetworkEmbedding(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast else flat.dtype
         with torch.autocast(device_type, enabled=False):
-            cores = self._cores(device_type)
+            cores = self._cores()
             out = ttm.logits_through_cores(cores, flat.to(cores[0].dtype), self.num_embeddings)
             if self.padding_idx is not None:
                 out = out.index_fill(1, torch.tensor([self.padding_idx], device=out.device), 0.0)

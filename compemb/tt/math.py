@@ -356,7 +356,9 @@ def lookup(cores: Sequence[Tensor], index: Tensor, row_factors: Sequence[int],
     The last level groups the rows by their prefix: a prefix with ``c`` rows gets a block
     of ``w`` slots (``w`` the power of two >= ``c``), and each block width is one batched
     GEMM ``[w*JN, K] @ [K, J']`` against the prefix itself, so per-row copies of the
-    prefix matrices (``K*J'`` floats each) are never made, in forward or backward."""
+    prefix matrices (``K*J'`` floats each) are never made, in forward or backward.
+    (The sizes depend on the data: on CUDA, ``unique`` and the block widths cost a few
+    host syncs per call.)"""
     ids, inverse = torch.unique(index, sorted=True, return_inverse=True)
     digits, parents = prefix_tree(ids, row_factors, True)
     prefix, par = _shared_prefixes(cores, digits, parents, row_factors, True)
