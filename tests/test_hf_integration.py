@@ -12,7 +12,7 @@ from safetensors import safe_open
 import compemb
 import compemb_hf
 from compemb_hf import CompressedEmbeddingConfig as Cfg
-from compemb_hf.testing import FAMILIES, SEQ2SEQ, dummy_inputs, tiny_model
+from compemb_hf.testing import FAMILIES, dummy_inputs, tiny_model
 
 METHODS = {
     "tt": dict(method="tt", rank=4),
@@ -317,3 +317,53 @@ def test_dtype_casts_work_on_a_compressed_model():
         model.to(torch.bfloat16)
         assert model.get_input_embeddings().cores[0].dtype == torch.bfloat16
         assert torch.allclose(model(**x).logits.float(), ref, atol=0.1)
+
+
+def test_non_persistent_buffers_are_rebuilt_on_load(tmp_path):
+    """Modules built on the meta device inside from_pretrained get their non-persistent
+    buffers back as uninitialised memory; compemb_hf rebuilds them from the settings."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleConfig:
+        scale: float = 3.0
+
+    class ScaledTable(torch.nn.Module):  # a registered method with a non-persistent buffer
+        def __init__(self, num_embeddings, embedding_dim, scale=3.0, padding_idx=None):
+            super().__init__()
+            self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+            self.padding_idx, self.config = padding_idx, ScaleConfig(scale)
+            self.weight_small = torch.nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+            self.register_buffer("factor", torch.full((embedding_dim,), float(scale)),
+                                 persistent=False)
+
+        def forward(self, ids):
+            return self.weight_small[ids] * self.factor
+
+        def materialize(self):
+            return self.weight_small * self.factor
+
+        def logits(self, hidden):
+            return hidden @ self.materialize().t()
+
+        def storage(self):
+            n = self.weight_small.numel()
+            return compemb.LayerStorage("scaled", "", self.num_embeddings, self.embedding_dim,
+                                        n, 4 * n, 4 * n)
+
+        @classmethod
+        def from_dense(cls, weight, scale=3.0, padding_idx=None):
+            layer = cls(weight.shape[0], weight.shape[1], scale, padding_idx)
+            layer.weight_small.data.copy_(weight / scale)
+            return layer
+
+    compemb.register_method("test-scaled", config_cls=ScaleConfig, layer_cls=ScaledTable)
+    model = tiny_model("t5").eval()
+    compemb_hf.compress(model, Cfg("test-scaled", scale=3.0))
+    before = _logits(model, "t5")
+    model.save_pretrained(tmp_path)
+    assert not any(k.endswith("factor") for k in _keys(tmp_path))
+    loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(loaded.shared.factor, torch.full((16,), 3.0))
+    assert torch.equal(_logits(loaded, "t5"), before)

@@ -36,7 +36,6 @@ def _embed(model, tokenizer):
 def test_minilm_compress_save_reload(tmp_path):
     tokenizer = tf.AutoTokenizer.from_pretrained(MODEL_DIR)
     dense = tf.AutoModel.from_pretrained(MODEL_DIR).eval()
-    reference = _embed(dense, tokenizer)
     cfg = compemb_hf.CompressedEmbeddingConfig("tt", rank=8)
     model = tf.AutoModel.from_pretrained(MODEL_DIR, compressed_embedding=cfg).eval()
     report = compemb.compression_report(model)
