@@ -36,6 +36,11 @@ if have_fairseq; then
 fi
 
 echo "installing fairseq-fixed $VERSION (compiles C++ extensions, about 2 minutes) ..."
+# without build isolation the build runs on this environment's own setuptools, Cython,
+# numpy and torch (the fairseq extra installs the last three)
+if ! "$PY" -c "import setuptools, Cython, numpy, torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q setuptools cython numpy
+fi
 "$PY" -m pip install -q --no-build-isolation --no-deps "fairseq-fixed==$VERSION"
 
 if ! have_fairseq; then

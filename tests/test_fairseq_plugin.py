@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fairseq")  # installed by scripts/install_fairseq.sh (./dev.sh, CI)
@@ -294,9 +295,14 @@ class _Payload:
         return (os.getcwd, ())
 
 
-def test_plugin_allowlists_only_namespace():
+def test_plugin_allowlists_namespace_and_numpy_containers_only():
     from fairseq_plugin.safe_load import FAIRSEQ_CHECKPOINT_GLOBALS
-    assert FAIRSEQ_CHECKPOINT_GLOBALS == [argparse.Namespace]
+    names = sorted(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                   for g in FAIRSEQ_CHECKPOINT_GLOBALS)
+    names = [n for n in names if not n.startswith("numpy.dtypes.")]  # dtype classes
+    assert len(names) == 7 and set(names) == {"argparse.Namespace", "numpy.core.multiarray._reconstruct",
+                          "numpy.core.multiarray.scalar", "numpy.dtype", "numpy.ndarray",
+                          "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar"}
     assert argparse.Namespace in torch.serialization.get_safe_globals()
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") in (None, "", "0")
 
@@ -304,11 +310,14 @@ def test_plugin_allowlists_only_namespace():
 def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path):
     from fairseq import checkpoint_utils
     good = {"args": None, "cfg": {"model": argparse.Namespace(arch="x")},
-            "model": {"w": torch.ones(2)}}
+            "model": {"w": torch.ones(2)},
+            "extra_state": {"metrics": {"counts": np.arange(4), "best": np.float64(0.5)}}}
     torch.save(good, tmp_path / "good.pt")
     loaded = torch.load(tmp_path / "good.pt")  # weights_only=True, the default
     assert loaded["cfg"]["model"].arch == "x"
-    for payload in (_Payload(), nn.Linear(2, 2), {"nested": [argparse.ArgumentParser]}):
+    assert loaded["extra_state"]["metrics"]["counts"].tolist() == [0, 1, 2, 3]
+    for payload in (_Payload(), nn.Linear(2, 2), {"nested": [argparse.ArgumentParser]},
+                    np.array([_Payload()], dtype=object)):
         bad = dict(good, extra_state={"evil": payload})
         torch.save(bad, tmp_path / "bad.pt")
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
