@@ -121,7 +121,7 @@ def compression_record(args: Any, softmax: str) -> Dict[str, Any]:
 
 
 def _as_text(record: Dict[str, Any]) -> str:
-    return " ".join(f"{k} {v}" for k, v in record.items())
+    return " ".join(f"{k} {v}" for k, v in record.items() if v is not None)
 
 
 class CompressionRecord:
