@@ -17,12 +17,13 @@ A compressed checkpoint does not load without ``import compemb_hf``: transformer
 from .config import CompressedEmbeddingConfig
 from .hooks import install as _install, register_from_pretrained_kwarg
 from .quantizer import CompressedEmbeddingQuantizer
-from .surgery import ScaledEmbedding, compress, compressed_layers, export_codebooks, is_compressed
+from .surgery import (ScaledEmbedding, compress, compressed_layers, decompress,
+                      export_codebooks, is_compressed)
 
 _install()
 
 from . import transfo_xl  # noqa: E402,F401  (registers the Transformer-XL model types)
 
 __all__ = ["CompressedEmbeddingConfig", "CompressedEmbeddingQuantizer", "compress",
-           "compressed_layers", "export_codebooks", "is_compressed", "ScaledEmbedding",
+           "compressed_layers", "decompress", "export_codebooks", "is_compressed", "ScaledEmbedding",
            "register_from_pretrained_kwarg"]

@@ -65,6 +65,12 @@ class CompressedEmbeddingQuantizer(HfQuantizer):
             self.pre_quantized = True  # from now on the model holds compressed tables
         return model
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: dense tables again (see :func:`compemb_hf.decompress`)."""
+        from .surgery import decompress
+
+        return decompress(model)
+
     def is_serializable(self, safe_serialization: Optional[bool] = None) -> bool:
         return True
 

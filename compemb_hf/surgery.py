@@ -440,9 +440,9 @@ def is_compressed(model: nn.Module) -> bool:
 def _refuse_resize(self, *args: Any, **kwargs: Any):
     raise ValueError(
         "resize_token_embeddings cannot resize a compressed embedding: a TT/TR/DPQ table is "
-        "built for a fixed vocabulary. Resize the dense model first and compress it after "
-        "(load it without compressed_embedding/quantization_config, call "
-        "resize_token_embeddings(n), then compemb_hf.compress(model, config)).")
+        "built for a fixed vocabulary. Resize the dense model first and compress it after: "
+        "model.dequantize() (or compemb_hf.decompress(model)) gives the dense tables back, "
+        "then resize_token_embeddings(n), then compemb_hf.compress(model, config).")
 
 
 def _tolerant_init_weights(self, module: nn.Module) -> None:
@@ -467,6 +467,87 @@ def _install_guards(model: nn.Module) -> None:
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
             sub._init_weights = types.MethodType(_tolerant_init_weights, sub)
+
+
+class _ScaledDenseEmbedding(nn.Embedding):
+    """A dense table with a constant output factor (what a ScaledEmbedding decompresses to)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int],
+                 embed_scale: float) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.embed_scale = float(embed_scale)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Turn every compressed table back into a dense ``nn.Embedding`` holding the table
+    it stands for (``materialize()``), and tied heads back into ``nn.Linear`` sharing that
+    weight; the model is then an ordinary transformers model again (also reached through
+    transformers' ``model.dequantize()``). Use it to resize the vocabulary
+    (``decompress``, ``resize_token_embeddings``, ``compress`` again). Returns ``model``.
+
+    The model classes' own tying comes back: a head compressed with ``output="untied"``
+    in a model whose config ties it is tied again by the next ``tie_weights()``."""
+    layers = compressed_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no compressed embedding to decompress")
+    dense: Dict[int, nn.Embedding] = {}
+    for layer in layers.values():
+        with torch.no_grad():
+            table = layer.materialize().detach().clone()
+        emb = nn.Embedding(layer.num_embeddings, layer.embedding_dim,
+                           padding_idx=getattr(layer, "padding_idx", None),
+                           device=table.device, dtype=table.dtype)
+        emb.weight.data.copy_(table)
+        emb.train(layer.training)
+        dense[id(layer)] = emb
+    swaps: List[Tuple[str, nn.Module]] = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, ScaledEmbedding) and id(m.embedding) in dense:
+            inner = dense[id(m.embedding)]
+            scaled = _ScaledDenseEmbedding(inner.num_embeddings, inner.embedding_dim,
+                                           inner.padding_idx, m.embed_scale)
+            scaled.to(inner.weight.device)
+            scaled.weight = inner.weight  # the same table under every path
+            swaps.append((name, scaled))
+        elif id(m) in dense:
+            swaps.append((name, dense[id(m)]))
+        elif isinstance(m, OutputLayer) and id(m.table) in dense:
+            table = dense[id(m.table)]
+            head = nn.Linear(m.embedding_dim, m.num_embeddings, bias=m.bias is not None,
+                             device=table.weight.device, dtype=table.weight.dtype)
+            if m.tied:
+                head.weight = table.weight
+            else:
+                head.weight.data.copy_(table.weight.data)
+            if m.bias is not None:
+                head.bias = m.bias
+            swaps.append((name, head))
+    swaps = [(n, mod) for n, mod in swaps if not any(n.startswith(o + ".") for o, _ in swaps)]
+    for name, module in swaps:
+        _set_module(model, name, module)
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():  # back to the classes' own tying and methods
+        if isinstance(sub, PreTrainedModel):
+            for attr in ("_tied_weights_keys", "_init_weights", "resize_token_embeddings",
+                         "half", "float"):
+                sub.__dict__.pop(attr, None)
+    for _, sub in reversed(_pretrained_submodels(model)):
+        sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=False)
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    model._compemb_alias_buffers = []
+    for attr in ("hf_quantizer", "quantization_method"):
+        model.__dict__.pop(attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            sub.config._is_quantized = False
+    return model
 
 
 def export_codebooks(model: nn.Module) -> nn.Module:

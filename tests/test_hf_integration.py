@@ -367,3 +367,26 @@ def test_non_persistent_buffers_are_rebuilt_on_load(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(loaded.shared.factor, torch.full((16,), 3.0))
     assert torch.equal(_logits(loaded, "t5"), before)
+
+
+@pytest.mark.parametrize("family, output", [("gpt2", "tied"), ("bart", "tied"),
+                                            ("t5", "untied"), ("bert-mlm", "tied")])
+def test_dequantize_resize_and_compress_again(family, output, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    compemb_hf.compress(model, Cfg("tt", rank=4, output=output))
+    before = _logits(model, family)
+    model.dequantize()
+    assert not compemb_hf.is_compressed(model) and not model.is_quantized
+    inp = model.get_input_embeddings()
+    assert isinstance(inp, torch.nn.Embedding)
+    if output == "tied":
+        assert model.get_output_embeddings().weight is inp.weight
+    assert torch.allclose(_logits(model, family), before, atol=1e-5)
+    model.tie_weights()
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    model.resize_token_embeddings(64)
+    assert model.get_input_embeddings().weight.shape[0] == 64
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    assert model.get_input_embeddings().num_embeddings == 64
