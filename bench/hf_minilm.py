@@ -73,7 +73,7 @@ def distill(model, teacher_emb, tokenizer, texts, steps, batch_size=32, lr=5e-4)
         opt.step()
         opt.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def disk(model, export=False):
