@@ -66,8 +66,9 @@ class CompressionReport:
     """One row per compressed layer and the model's totals.
 
     ``model_dense_bytes`` is the model as it would be with every compressed layer dense,
-    ``model_stored_bytes`` the model as stored (other parameters and buffers counted
-    once each at their dtype)."""
+    ``model_stored_bytes`` the model as stored: the compressed layers' bytes plus every
+    other tensor of the ``state_dict`` (parameters and persistent buffers, a shared tensor
+    once, at its dtype)."""
 
     rows: List[ReportRow]
     other_parameters: int
@@ -163,13 +164,16 @@ def compression_report(module: nn.Module) -> CompressionReport:
             rows.append(ReportRow(name, storage))
             skip.append(name + ".")
             inner.update(id(t) for t in list(sub.parameters()) + list(sub.buffers()))
+    # what a checkpoint holds: parameters and persistent buffers (state_dict), each
+    # shared tensor once; non-persistent buffers (position tables ...) are not stored
+    params = {id(p) for p in module.parameters()}
     seen: Set[int] = set(inner)
     other_params = other_bytes = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in module.state_dict(keep_vars=True).values():
         if id(t) in seen:
             continue
         seen.add(id(t))
         other_bytes += t.numel() * t.element_size()
-        if isinstance(t, nn.Parameter):
+        if id(t) in params:
             other_params += t.numel()
     return CompressionReport(rows=rows, other_parameters=other_params, other_bytes=other_bytes)

@@ -29,6 +29,7 @@ def test_rows_totals_and_tied_tensors_counted_once():
     model.lin = nn.Linear(8, 3)
     model.head = compemb.OutputLayer(model.emb, tied=True)
     model.register_buffer("buf", torch.zeros(4, dtype=torch.uint8))
+    model.register_buffer("table", torch.zeros(100), persistent=False)  # not stored
     rep = compemb.compression_report(model)
     assert [r.name for r in rep.rows] == ["emb"]
     row = rep.rows[0].to_dict()
