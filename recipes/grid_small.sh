@@ -16,6 +16,7 @@ case "$task" in
           "tt-r8:--method tt --rank 8"
           "tt-r16:--method tt --rank 16"
           "tt-r32:--method tt --rank 32"
+          "tt-r12:--method tt --rank 12"
           "dpq-sx-k32-d8:--method dpq --variant sx --num-codes 32 --num-groups 8"
           "dpq-sx-k32-d32:--method dpq --variant sx --num-codes 32 --num-groups 32"
           "dpq-vq-k32-d8:--method dpq --variant vq --num-codes 32 --num-groups 8"

@@ -97,9 +97,18 @@ def _fmt_time(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _settings_text(r: Dict) -> str:
+def _structure(r: Dict) -> str:
+    """The compressed layers' structure as the compression report gives it
+    (``(24,27,29)x(4,8,8) r=8``), else the non-default settings."""
+    layers = (r.get("report") or {}).get("layers") or []
+    if layers:
+        return "; ".join(str(layer.get("shape", "?")) for layer in layers)
     s = {k: v for k, v in (r.get("settings") or {}).items() if k != "method"}
     return ", ".join(f"{k}={v}" for k, v in s.items()) or "-"
+
+
+def _run_name(r: Dict) -> str:
+    return Path(r["path"]).parent.name if r.get("path") else "-"
 
 
 def target_lines(task: str, rows: List[Dict], base: Optional[float]) -> List[str]:
@@ -206,18 +215,24 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
         hw = sorted({r.get("hardware", "?") for r in rows})
         out += [f"Metric: `{metric}` ({'higher' if higher else 'lower'} is better). "
                 f"Hardware: {'; '.join(hw)}.", ""]
-        out += ["| method | settings | emb. ratio | emb. stored | total params | "
+        out += ["| run | method | structure | emb. ratio | emb. stored | total params | "
                 f"{metric} | vs dense | time |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
+                "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             stored = r.get("embedding_stored_bytes") or (4 * r.get("embedding_parameters", 0))
             out.append(
-                f"| {label(r)} | {_settings_text(r)} | {r.get('embedding_ratio', 1.0):.1f}x | "
+                f"| {_run_name(r)} | {label(r)} | {_structure(r)} | {r.get('embedding_ratio', 1.0):.1f}x | "
                 f"{stored / 1024:.1f} KiB | {r.get('total_parameters', 0):,} | "
                 f"{r['value']:.4f} | {_pct(_rel(r['value'], base, higher)) if r['method'] != 'dense' else '-'} | "
                 f"{_fmt_time(r.get('wall_time_s', 0.0))} |")
+        dense = [r["value"] for r in rows if r["method"] == "dense" and _finite(r["value"])]
         out += ["", "\"vs dense\": relative change of the metric against the mean of the dense runs, "
-                "signed so that negative is worse.", ""]
+                "signed so that negative is worse."]
+        if len(dense) > 1:
+            out += [f"The {len(dense)} dense runs (seeds) give {min(dense):.4f} to {max(dense):.4f}, "
+                    f"mean {base:.4f}: a spread of {100 * (max(dense) - min(dense)) / abs(base):.1f}% "
+                    f"of the mean from the seed alone."]
+        out += [""]
         need = TARGETS.get(task, TARGETS["default"])
         out += [f"Target: a TT and a DPQ setting at >= {need:.0f}x embedding compression within 1% "
                 f"(relative) of dense:", ""]

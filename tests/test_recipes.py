@@ -350,9 +350,9 @@ def test_report_tables_targets_and_plot(tmp_path):
     report.main([str(runs), "--out", str(page), "--plots", str(plots)])
     text = page.read_text()
     assert "## sentiment: rt (small scale)" in text
-    assert "| tt r=8 N=3 | rank=8, num_factors=3 | 150.0x |" in text
+    assert "| tt | tt r=8 N=3 | rank=8, num_factors=3 | 150.0x |" in text
     assert "| 0.7960 | -0.50% | 61 s |" in text
-    assert "| dpq-vq K=32 D=16 | " in text and "| -12.50% |" in text
+    assert "| dpq | dpq-vq K=32 D=16 | " in text and "| -12.50% |" in text
     assert "- TT: **met**: tt r=8 N=3 at 150x is within 1% of dense (-0.50%)" in text
     assert "- DPQ: **missed**: no setting at >= 100x within 1% of dense; the closest is dpq-vq K=32 D=16" in text
     png = plots / "sentiment-rt-small.png"
@@ -362,13 +362,14 @@ def test_report_tables_targets_and_plot(tmp_path):
 
 def test_report_lower_is_better_metric_and_no_results(tmp_path, capsys):
     runs = tmp_path / "runs"
-    for name, method, value in (("d", "dense", 100.0), ("t", "tt", 100.5)):
+    for name, method, value in (("d", "dense", 100.0), ("d1", "dense", 102.0), ("t", "tt", 100.5)):
         (runs / name).mkdir(parents=True)
         (runs / name / "results.json").write_text(json.dumps(
             {"task": "ptb-lm-lstm", "method": method, "settings": {"method": method, "rank": 4},
              "embedding_ratio": 20.0, "metric": "test_ppl", "value": value}))
     text = report.render(report.collect([runs]))
-    assert "(lower is better)" in text and "| -0.50% |" in text  # worse perplexity is negative
+    assert "(lower is better)" in text and "| +0.50% |" in text  # lower perplexity than the dense mean
+    assert "The 2 dense runs (seeds) give 100.0000 to 102.0000, mean 101.0000: a spread of 2.0%" in text
     assert "- TT: **met**" in text  # within 1% at >= 10x
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "empty-but-missing")])
