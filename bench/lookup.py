@@ -344,6 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--only", default="", help="run only groups containing this text")
     args = parser.parse_args(argv)
     DEVICE = torch.device(args.device)
+    peaks: Dict[Tuple[str, str], Optional[float]] = {}  # measured once, in the first pass
     for threads in [int(t) for t in args.threads.split(",")]:
         cases: List[Case] = []
         for source in CASE_SOURCES:
@@ -353,8 +354,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"\n=== torch {torch.__version__} on {DEVICE}, {threads} threads, {args.repeats} "
               f"repeats, batch {BATCH} ids (load average {load:.1f} on {os.cpu_count()} cpus)")
-        memory = not args.no_memory and DEVICE.type == "cpu"
+        memory = not args.no_memory and DEVICE.type == "cpu" and not peaks
         run(cases, args.repeats, threads, memory=memory)
+        for case in cases:
+            if memory:
+                peaks[(case.group, case.name)] = case.peak_mib
+            case.peak_mib = peaks.get((case.group, case.name))
         print(report(cases))
         rows = [row for source in TARGET_SOURCES for row in source(cases)]
         if rows:

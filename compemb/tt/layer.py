@@ -1,7 +1,6 @@
 """The Tensor-Train embedding layer (and the shared base of the Tensor-Ring one)."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
