@@ -165,7 +165,9 @@ def plot_group(key: Group, rows: List[Dict], path: Path) -> Path:
             by_method[r["method"]].append(r)
     base = _baseline(rows)
     if base is not None:
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="dense")
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="dense (mean of runs)")
+        ax.axhspan(base * (1 - TOLERANCE), base * (1 + TOLERANCE), color="grey", alpha=0.12,
+                   label="within 1% of dense")
     for method, members in sorted(by_method.items()):
         if method == "dense":
             continue
@@ -176,8 +178,9 @@ def plot_group(key: Group, rows: List[Dict], path: Path) -> Path:
         for x, y, r in zip(xs, ys, members):
             ax.annotate(label(r).replace(f"{method} ", "").replace("dpq-", ""), (x, y),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for r in by_method.get("dense", []):
-        ax.scatter([1.0], [r["value"]], color="black", marker="*", zorder=3)
+    dense = [r["value"] for r in by_method.get("dense", [])]
+    if dense:
+        ax.scatter([1.0] * len(dense), dense, color="black", marker="*", zorder=3, label="dense runs")
     ax.set_xscale("log")
     ax.set_xlabel("embedding compression ratio (dense bytes / stored bytes)")
     metric = rows[0].get("metric", "metric")
