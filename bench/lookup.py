@@ -17,7 +17,13 @@ ratios within this run) with PASS/MISS.
 
 Cases are plain named callables (:class:`Case`), grouped so that every group has its
 baseline; other methods add theirs by extending :data:`CASE_SOURCES` with a function
-returning a list of cases (e.g. ``bench.dpq_cases.cases``).
+returning a list of cases (e.g. ``bench.dpq_cases.cases``) and :data:`TARGET_SOURCES` with
+one returning their PASS/MISS rows.
+
+Reading the numbers: the header prints the load average. On a machine with more runnable
+processes than cores, every multi-threaded op waits for descheduled threads, and a layer
+made of ~20 parallel ops (TT, TR) suffers far more than one of ~3 (``nn.Embedding``);
+compare ``--threads 1`` and ``--threads 2`` there (``--threads 1,2`` runs both).
 """
 from __future__ import annotations
 
