@@ -41,6 +41,10 @@ __all__ = [
 
 Shape = Tuple[Tuple[int, ...], Tuple[int, ...]]
 
+#: A middle level of a lookup is computed for every child of the present prefixes (one
+#: GEMM with the whole core) when that is at most this many times the children present.
+DENSE_LEVEL_FACTOR = 4
+
 
 # ----------------------------------------------------------------------------- shapes
 def factorizations(n: int, num_factors: int, min_factor: int = 2) -> List[Tuple[int, ...]]:
@@ -325,7 +329,7 @@ def _shared_prefixes(cores: Sequence[Tensor], digits: List[Tensor],
     parents = list(parents)
     prefix = _first_operand(cores[0]).index_select(0, digits[0])  # [n0, R1, J1*R0]
     for k in range(1, len(cores) - 1):
-        dense = share and prefix.shape[0] * row_factors[k] <= 4 * digits[k].shape[0]
+        dense = share and prefix.shape[0] * row_factors[k] <= DENSE_LEVEL_FACTOR * digits[k].shape[0]
         prefix = _next_level(cores[k], prefix, digits[k], parents[k], dense)
         if dense:  # level-k entry e sits at row parents[k][e]*Ik + digits[k][e]
             slot = parents[k] * row_factors[k] + digits[k]
