@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Set
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["LayerStorage", "ReportRow", "CompressionReport", "compression_report"]
 
@@ -170,7 +170,7 @@ def compression_report(module: nn.Module) -> CompressionReport:
     seen: Set[int] = set(inner)
     other_params = other_bytes = 0
     for t in module.state_dict(keep_vars=True).values():
-        if id(t) in seen:
+        if not isinstance(t, Tensor) or id(t) in seen:  # (extra states are not tensors)
             continue
         seen.add(id(t))
         other_bytes += t.numel() * t.element_size()

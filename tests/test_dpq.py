@@ -473,3 +473,14 @@ def test_distance_norm_is_synchronised_across_processes():
         layer.eval()
         torch.testing.assert_close(torch.cat([r["rows"] for r in results]),
                                    layer.export()(idx), rtol=0, atol=0)
+
+
+def test_reset_parameters_with_a_std_scales_the_tables_and_keeps_padding():
+    torch.manual_seed(0)
+    layer = DPQEmbedding(2000, 32, num_codes=16, num_groups=8, padding_idx=3)
+    layer.reset_parameters(std=0.05)
+    for p in (layer.query, layer.values, layer.key_weight):
+        assert abs(p.detach().std().item() - 0.05) < 0.005
+    assert torch.all(layer.query[3] == 0)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        layer.reset_parameters(std=0.0)

@@ -101,13 +101,18 @@ class DPQEmbedding(nn.Module):
         self.codebook_loss: Optional[Tensor] = None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Query, keys and values ~ N(0, 1) (as ``nn.Embedding``); running stats reset."""
+    def reset_parameters(self, std: float = 1.0) -> None:
+        """Query, keys and values ~ N(0, std^2) (``std=1`` as ``nn.Embedding``); running
+        stats reset. Frameworks that start their tables smaller (fairseq: ``dim**-0.5``,
+        Transformer-XL: ``init_std``) pass their std: a common scale leaves the codes as
+        they are and gives output rows of that std."""
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std!r}")
         with torch.no_grad():
-            nn.init.normal_(self.query)
-            nn.init.normal_(self.values)
+            nn.init.normal_(self.query, std=std)
+            nn.init.normal_(self.values, std=std)
             if self.key_weight is not None:
-                nn.init.normal_(self.key_weight)
+                nn.init.normal_(self.key_weight, std=std)
             if self.padding_idx is not None:
                 self.query[self.padding_idx].zero_()
             if self.running_mean is not None:
