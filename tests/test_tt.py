@@ -119,6 +119,15 @@ def test_init_variance_is_glorot(cls, rank):
     assert abs(sum(means) / len(means)) < 0.1 * math.sqrt(expected)
 
 
+def test_reset_parameters_redraws_at_the_same_scale():
+    layer = make(TTEmbedding, 1000, 64, 16)
+    before = layer.cores[1].detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.cores[1])
+    std = ttm.init_std(1000, 64, layer.ranks, ring=False)
+    assert abs(layer.cores[1].std().item() / std - 1) < 0.05
+
+
 def test_init_std_formula():
     # equal ranks: the paper's (sigma^2 / R^(N-1))^(1/N) for the variance of a core element
     s = ttm.init_std(1000, 64, (1, 16, 16, 1), ring=False)

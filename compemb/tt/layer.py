@@ -49,9 +49,17 @@ class TensorNetworkEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = _check_padding_idx(padding_idx, num_embeddings)
-        std = ttm.init_std(num_embeddings, embedding_dim, self.ranks, self.ring)
         self.cores = nn.ParameterList(
-            [nn.Parameter(torch.randn(s) * std) for s in ttm.core_shapes(self.shape, self.ranks)])
+            [nn.Parameter(torch.empty(s)) for s in ttm.core_shapes(self.shape, self.ranks)])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Paper eq. (2), any ranks: every core element ~ N(0, s^2) with ``s`` from
+        :func:`compemb.tt.math.init_std`, so the table has mean 0 and variance 2/(V+J)."""
+        std = ttm.init_std(self.num_embeddings, self.embedding_dim, self.ranks, self.ring)
+        with torch.no_grad():
+            for core in self.cores:
+                core.normal_(0.0, std)
 
     # ------------------------------------------------------------------ lookups
     def _cores(self) -> List[Tensor]:
