@@ -23,24 +23,32 @@ one returning their PASS/MISS rows.
 Reading the numbers: the header prints the load average. On a machine with more runnable
 processes than cores, every multi-threaded op waits for descheduled threads, and a layer
 made of ~20 parallel ops (TT, TR) suffers far more than one of ~3 (``nn.Embedding``);
-compare ``--threads 1`` and ``--threads 2`` there (``--threads 1,2`` runs both).
+compare ``--threads 1`` and ``--threads 2`` there (``--threads 1,2`` runs both). The
+benchmark sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set already (see below).
 """
 from __future__ import annotations
 
-import argparse
-import math
-import multiprocessing as mp
 import os
-import time
+
+# Threads that have finished a parallel region sleep instead of spinning (set before torch
+# loads OpenMP; an explicit OMP_WAIT_POLICY wins). On a shared 2-core machine the spinning
+# worker steals the cores from the main thread: at 2 threads a TT step measured 460 ms
+# spinning and 28 ms passive, nn.Embedding 90 and 71 ms.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
-from compemb.tr import TREmbedding
-from compemb.tt import TTEmbedding
+from compemb.tr import TREmbedding  # noqa: E402
+from compemb.tt import TTEmbedding  # noqa: E402
 
 BATCH = 4096
 # The ring carries its first rank through every product: a lookup costs R0 times a TT
@@ -358,8 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.only:
             cases = [c for c in cases if args.only in c.group]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"\n=== torch {torch.__version__} on {DEVICE}, {threads} threads, {args.repeats} "
-              f"repeats, batch {BATCH} ids (load average {load:.1f} on {os.cpu_count()} cpus)")
+        print(f"\n=== torch {torch.__version__} on {DEVICE}, {threads} threads "
+              f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), {args.repeats} repeats, "
+              f"batch {BATCH} ids (load average {load:.1f} on {os.cpu_count()} cpus)")
         memory = not args.no_memory and DEVICE.type == "cpu" and not peaks
         run(cases, args.repeats, threads, memory=memory)
         for case in cases:
