@@ -391,3 +391,13 @@ def test_shell_wrapper_reports_bad_input_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "--rank cannot be used with --method dense" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_report_targets_use_the_mean_over_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_result(runs / "dense", "dense", 0.80, 1.0, {})
+    _fake_result(runs / "tt", "tt", 0.80, 150.0, {"rank": 8})  # one lucky seed ...
+    _fake_result(runs / "tt-s1", "tt", 0.76, 150.0, {"rank": 8})  # ... and one unlucky
+    text = report.render(report.collect([runs]))
+    assert "- TT: **missed**: no setting at >= 100x within 1% of dense; the closest is " \
+           "tt r=8 (mean of 2 runs) at 150x (-2.50%)" in text
