@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The small-scale grid behind RESULTS.md: dense; TT at three ranks; DPQ-SX and DPQ-VQ at
-# two settings each; one CPU thread per run. A run whose folder has a log.txt (done, or
+# two settings each (sentiment: also TT r=12, DPQ-VQ with commitment 0.25 and more seeds
+# of dense and of the >= 100x settings); one CPU thread per run. A run whose folder has a log.txt (done, or
 # started by another invocation) is skipped: delete its folder to run it again.
 #   recipes/grid_small.sh sentiment|ctr [RUNS_DIR]     (JOBS=2 runs two at a time)
 # then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
@@ -20,7 +21,11 @@ case "$task" in
           "dpq-sx-k32-d8:--method dpq --variant sx --num-codes 32 --num-groups 8"
           "dpq-sx-k32-d32:--method dpq --variant sx --num-codes 32 --num-groups 32"
           "dpq-vq-k32-d8:--method dpq --variant vq --num-codes 32 --num-groups 8"
-          "dpq-vq-k32-d32:--method dpq --variant vq --num-codes 32 --num-groups 32") ;;
+          "dpq-vq-k32-d32:--method dpq --variant vq --num-codes 32 --num-groups 32"
+          "dpq-vq-k32-d8-beta0.25:--method dpq --variant vq --num-codes 32 --num-groups 8 --commitment 0.25"
+          "dense-s2:--method dense --seed 2"
+          "tt-r12-s1:--method tt --rank 12 --seed 1"
+          "dpq-sx-k32-d8-s1:--method dpq --variant sx --num-codes 32 --num-groups 8 --seed 1") ;;
   ctr)
     grid=("dense:--method dense"
           "dense-s1:--method dense --seed 1"

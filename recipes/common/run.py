@@ -45,6 +45,7 @@ METHOD_FLAGS: Dict[str, str] = {
     "--variant": "variant",
     "--shared-subspace": "shared_subspace",
     "--temperature": "temperature",
+    "--commitment": "commitment",
 }
 
 
@@ -63,6 +64,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-subspace", dest="shared_subspace", action="store_true", default=None,
                        help="dpq: one codebook for all groups")
     group.add_argument("--temperature", type=float, help="dpq-sx: softmax temperature")
+    group.add_argument("--commitment", type=float, help="dpq-vq: weight of the commitment loss")
     group.add_argument("--config", type=Path,
                        help="a JSON embedding spec, e.g. {\"method\": \"tt\", \"rank\": 16}, "
                             "instead of --method and its flags")
