@@ -27,6 +27,10 @@ setup() {
   echo "$stamp" > $VENV/.compemb-stamp
 }
 
+# OpenMP workers that spin while waiting starve the main thread on a small shared machine
+# (measured by bench.lookup: a TT step 460 ms spinning, 28 ms passive); override if wanted.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in

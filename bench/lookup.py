@@ -222,7 +222,14 @@ def logits_cases(configs: Sequence = CONFIGS, batches: Dict[str, int] = None) ->
 # Functions returning lists of cases, and functions turning the measured cases into
 # (description, ratio, limit, passed) rows; other methods' cases join here (e.g.
 # bench.dpq_cases.cases / bench.dpq_cases.targets).
-CASE_SOURCES: List[Callable[[], List[Case]]] = [lookup_cases, logits_cases]
+def dpq_cases() -> List[Case]:
+    """DPQ training and CodebookEmbedding inference (``bench/dpq_cases.py``)."""
+    from . import dpq_cases as dpq
+
+    return dpq.cases(str(DEVICE))
+
+
+CASE_SOURCES: List[Callable[[], List[Case]]] = [lookup_cases, logits_cases, dpq_cases]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -343,7 +350,14 @@ def targets(cases: List[Case]) -> List[Tuple[str, float, float, bool]]:
     return out
 
 
-TARGET_SOURCES: List[Callable[[List[Case]], List[Tuple[str, float, float, bool]]]] = [targets]
+def dpq_targets(cases: List[Case]) -> List[Tuple[str, float, float, bool]]:
+    from . import dpq_cases as dpq
+
+    return dpq.targets(cases)
+
+
+TARGET_SOURCES: List[Callable[[List[Case]], List[Tuple[str, float, float, bool]]]] = [
+    targets, dpq_targets]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

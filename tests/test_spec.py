@@ -78,7 +78,10 @@ class _ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * self.factor
 
 
-def test_a_registered_method_is_reachable_through_spec_and_factory():
+def test_a_registered_method_is_reachable_through_spec_and_factory(monkeypatch):
+    from compemb import registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # undone after the test
     register_method("test-scaled", config_cls=_ScaledConfig, layer_cls=_ScaledEmbedding)
     assert "test-scaled" in compemb.available_methods()
     spec = compemb.EmbeddingSpec.from_dict({"method": "test-scaled", "factor": 3.0})
@@ -93,7 +96,7 @@ def test_a_registered_method_is_reachable_through_spec_and_factory():
     assert get_method("test-scaled").layer_cls is _ScaledEmbedding
 
 
-def test_register_method_needs_a_dataclass_config():
+def test_register_method_needs_a_dataclass_config():  # (refused before anything is registered)
     with pytest.raises(TypeError, match="must be a dataclass"):
         register_method("test-bad", config_cls=dict, layer_cls=nn.Embedding)
 

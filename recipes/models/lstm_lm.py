@@ -20,14 +20,18 @@ class LSTMLanguageModel(nn.Module):
             baseline).
         output: ``"tied"`` (the softmax uses the input embedding's table), ``"untied"``
             (a second table built from the same spec), ``"dense"`` (a plain Linear).
+        init_std: std of the dense and DPQ tables at the start (the usual small PTB init;
+            their own N(0, 1) gives a tied softmax logits far too large). TT/TR keep the
+            paper's Glorot init.
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int,
-                 spec: compemb.EmbeddingSpec, output: str = "tied", dropout: float = 0.3) -> None:
+                 spec: compemb.EmbeddingSpec, output: str = "tied", dropout: float = 0.3,
+                 init_std: float = 0.05) -> None:
         super().__init__()
         if output not in ("tied", "untied", "dense"):
             raise ValueError(f"output must be 'tied', 'untied' or 'dense', got {output!r}")
-        self.embedding = compemb.build_embedding(spec, vocab_size, embedding_dim)
+        self.embedding = _table(spec, vocab_size, embedding_dim, init_std)
         self.drop = nn.Dropout(dropout)
         self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
@@ -39,7 +43,7 @@ class LSTMLanguageModel(nn.Module):
             self.output = compemb.OutputLayer(self.embedding, bias=True)
         else:
             self.output = compemb.OutputLayer(
-                compemb.build_embedding(spec, vocab_size, embedding_dim), bias=True, tied=False)
+                _table(spec, vocab_size, embedding_dim, init_std), bias=True, tied=False)
 
     def forward(self, ids: Tensor, state: Optional[Tuple[Tensor, Tensor]] = None
                 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
@@ -47,3 +51,13 @@ class LSTMLanguageModel(nn.Module):
         x = self.drop(self.embedding(ids))
         h, state = self.lstm(x, state)
         return self.output(self.proj(self.drop(h))), state
+
+
+def _table(spec: compemb.EmbeddingSpec, num_embeddings: int, embedding_dim: int,
+           init_std: float) -> nn.Module:
+    layer = compemb.build_embedding(spec, num_embeddings, embedding_dim)
+    if isinstance(layer, compemb.DPQEmbedding):
+        layer.reset_parameters(std=init_std)
+    elif isinstance(layer, nn.Embedding):
+        nn.init.normal_(layer.weight, std=init_std)
+    return layer
