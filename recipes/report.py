@@ -65,6 +65,8 @@ def label(r: Dict) -> str:
         text = f"dpq-{s.get('variant', 'sx')} K={s.get('num_codes')} D={s.get('num_groups')}"
         if s.get("shared_subspace"):
             text += " shared"
+        if s.get("commitment"):
+            text += f" beta={s['commitment']}"
     else:
         text = method
     if r.get("output"):
