@@ -1,7 +1,6 @@
 """The output (softmax) layer over a vocabulary, from any embedding layer."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

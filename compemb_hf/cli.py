@@ -108,9 +108,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import compemb
     from compemb.plan import plan
 
-    from .config import _import_methods
-
-    _import_methods()
     spec = plan(args.vocab, args.dim, args.method, args.ratio)
     with torch.device("meta"):
         storage = compemb.build_embedding(spec, args.vocab, args.dim).storage()

@@ -91,7 +91,6 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"method must be a method name such as 'tt', 'tr' or 'dpq', got "
                              f"{self.method!r}")
-        _import_methods()
         if self.method not in compemb.available_methods():
             raise ValueError(f"method {self.method!r} is not available; available methods: "
                              f"{compemb.available_methods()}")
@@ -164,15 +163,3 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         return (f"CompressedEmbeddingConfig(method={self.method!r}, {fields}, "
                 f"modules={self.modules!r}, output={self.output!r}, init={self.init!r}, "
                 f"form={self.form!r})")
-
-
-def _import_methods() -> None:
-    """Import the core method packages that exist, so that they register themselves."""
-    import importlib
-
-    for name in ("tt", "tr", "dpq"):
-        try:
-            importlib.import_module(f"compemb.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"compemb.{name}":
-                raise

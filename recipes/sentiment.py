@@ -15,7 +15,6 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch

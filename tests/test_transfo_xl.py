@@ -13,7 +13,6 @@ import compemb
 from compemb_hf.transfo_xl import (
     TransfoXLConfig, TransfoXLLMHeadModel, TransfoXLModel, evaluate_perplexity,
 )
-from compemb_hf.transfo_xl.adaptive import ProjectedAdaptiveLogSoftmax
 from compemb_hf.transfo_xl.modeling import (
     PositionalEmbedding, RelPartialLearnableMultiHeadAttn, build_attention_mask, rel_shift,
     relative_positions,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import platform
@@ -22,19 +21,6 @@ __all__ = ["METHOD_FLAGS", "add_method_args", "spec_from_args", "check_output_di
            "hardware", "write_results", "model_bytes", "base_result"]
 
 
-
-def _register_methods() -> None:
-    """Import the method packages that exist (each registers itself on import), so that
-    ``--method`` offers every method of this checkout."""
-    for name in ("tt", "tr", "dpq"):
-        try:
-            importlib.import_module(f"compemb.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"compemb.{name}":
-                raise
-
-
-_register_methods()
 
 # command-line flag -> the option name shared by the methods' config dataclasses
 METHOD_FLAGS: Dict[str, str] = {
