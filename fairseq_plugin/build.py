@@ -69,7 +69,8 @@ def _fairseq_scale(layer: nn.Module, method: str, embedding_dim: int,
             if padding_idx is not None:
                 layer.weight[padding_idx].zero_()
         elif method == "dpq":
-            layer.reset_parameters(std=embedding_dim ** -0.5)
+            for p in layer.parameters():
+                p.mul_(embedding_dim ** -0.5)
 
 
 def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embeddings: int,

@@ -82,18 +82,18 @@ def test_a_registered_method_is_reachable_through_spec_and_factory(monkeypatch):
     from compemb import registry
 
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # undone after the test
-    register_method("test-scaled", config_cls=_ScaledConfig, layer_cls=_ScaledEmbedding)
-    assert "test-scaled" in compemb.available_methods()
-    spec = compemb.EmbeddingSpec.from_dict({"method": "test-scaled", "factor": 3.0})
-    assert spec.to_dict() == {"method": "test-scaled", "factor": 3.0}
+    register_method("test-scaled-spec", config_cls=_ScaledConfig, layer_cls=_ScaledEmbedding)
+    assert "test-scaled-spec" in compemb.available_methods()
+    spec = compemb.EmbeddingSpec.from_dict({"method": "test-scaled-spec", "factor": 3.0})
+    assert spec.to_dict() == {"method": "test-scaled-spec", "factor": 3.0}
     layer = compemb.build_embedding(spec, 5, 2)
     assert isinstance(layer, _ScaledEmbedding) and layer.factor == 3.0
     with pytest.raises(ValueError, match="factor must be > 0"):
-        compemb.EmbeddingSpec("test-scaled", {"factor": -1.0})
+        compemb.EmbeddingSpec("test-scaled-spec", {"factor": -1.0})
     # registering the same name again with other classes is refused
     with pytest.raises(ValueError, match="already registered"):
-        register_method("test-scaled", config_cls=_ScaledConfig, layer_cls=nn.Embedding)
-    assert get_method("test-scaled").layer_cls is _ScaledEmbedding
+        register_method("test-scaled-spec", config_cls=_ScaledConfig, layer_cls=nn.Embedding)
+    assert get_method("test-scaled-spec").layer_cls is _ScaledEmbedding
 
 
 def test_register_method_needs_a_dataclass_config():  # (refused before anything is registered)
