@@ -17,7 +17,7 @@ from .registry import get_method
 __all__ = ["EmbeddingSpec", "build_embedding", "compress_embedding"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EmbeddingSpec:
     """Which method compresses a table, and with which settings.
 
@@ -47,6 +47,15 @@ class EmbeddingSpec:
     def config(self) -> Any:
         """The method's validated config dataclass (defaults filled in)."""
         return self._config  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        """Specs are equal when they build the same layers (defaults filled in)."""
+        if not isinstance(other, EmbeddingSpec):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
 
     def to_dict(self) -> Dict[str, Any]:
         """Flat dict with every setting of the method, defaults included."""

@@ -38,6 +38,14 @@ def test_spec_json_round_trip_and_flat_dict():
     assert json.loads(spec.to_json()) == {"method": "dense"}
 
 
+def test_specs_compare_by_their_settings_with_defaults_filled_in():
+    a = compemb.EmbeddingSpec("tt", {"rank": 16})
+    b = compemb.EmbeddingSpec.from_dict({"method": "tt", "rank": 16, "num_factors": 3})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != compemb.EmbeddingSpec("tt", {"rank": 8})
+    assert a != compemb.EmbeddingSpec("tr", {"rank": 16})
+
+
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown method 'ttt'.*available methods: \[.*'dense'"):
         compemb.EmbeddingSpec("ttt")
