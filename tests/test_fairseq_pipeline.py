@@ -29,14 +29,8 @@ from fairseq_plugin.export import main as export_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 PLUGIN = str(ROOT / "fairseq_plugin")
 WORDS = [f"w{i}" for i in range(20)]
 COMMON = ["--user-dir", PLUGIN, "--cpu", "--num-workers", "0", "--seed", "1",

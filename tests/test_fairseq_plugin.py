@@ -26,14 +26,8 @@ from fairseq_plugin.flags import load_methods, parse_shape, spec_from_args  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 PLUGIN = str(ROOT / "fairseq_plugin")
 METHOD_FLAGS = {
     "dense": [],

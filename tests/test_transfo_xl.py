@@ -20,15 +20,7 @@ from compemb_hf.transfo_xl.modeling import (
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "transfo_xl_4x")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is 5-20x faster than several on a busy
-    2-core machine (thread contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**over):

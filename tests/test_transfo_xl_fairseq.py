@@ -25,14 +25,7 @@ PLUGIN = str(ROOT / "fairseq_plugin")
 WORDS = [f"w{i}" for i in range(20)]
 DPQ = ["--emb-method", "dpq", "--emb-codes", "8", "--emb-groups", "4"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
