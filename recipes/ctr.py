@@ -27,9 +27,8 @@ import compemb
 from accelerate import PartialState
 
 from .common.ctr_data import CTR_DATASETS, hash_features, load_ctr_frame, split_frame
-from .common.packages import DataUnavailable
 from .common.run import (add_method_args, add_run_args, apply_run_args, at_least, base_result,
-                         check_output_dir, model_bytes, spec_from_args, write_results)
+                         preflight, write_results)
 from .common.training import fit
 from .models.ctr_mlp import CTRMLP
 
@@ -138,20 +137,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     dataset = args.dataset or scale["dataset"]
     if args.data_path is not None and dataset != "criteo":
         parser.error(f"--data-path is read only with --dataset criteo (got --dataset {dataset})")
-    # everything that can be wrong is found here, before any training
-    try:
-        spec = spec_from_args(args)
-        compemb.build_embedding(spec, scale["buckets"], scale["dim"])  # settings that cannot fit the table
-        check_output_dir(args.out, need_bytes=1 << 20)
+    def prepare(spec):
         df, labels = load_ctr_frame(dataset, args.data_path, args.max_rows)
         data = prepare_data(df, labels, scale, args.seed)
-        probe = build_model(spec, data["train"].tensors[0].shape[1], scale)
-        check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
-    except (ValueError, DataUnavailable) as err:
-        parser.error(str(err))
-    if args.check:
-        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return build_model(spec, data["train"].tensors[0].shape[1], scale), data
+
+    checked = preflight(parser, args, scale["buckets"], scale["dim"], prepare)
+    if checked is None:
         return
+    spec, data = checked
     result = train(spec, scale, data, dataset=dataset, scale_name=args.scale,
                    max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
     model = result.pop("model")

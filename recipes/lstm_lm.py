@@ -16,10 +16,9 @@ from torch import Tensor
 
 import compemb
 
-from .common.packages import DataUnavailable
 from .common.ptb import Vocab, load_ptb_text
-from .common.run import (add_method_args, add_run_args, apply_run_args, check_output_dir, hardware,
-                         model_bytes, spec_from_args, write_results)
+from .common.run import (add_method_args, add_run_args, apply_run_args, hardware, preflight,
+                         write_results)
 from .models.lstm_lm import LSTMLanguageModel
 
 SCALES = {
@@ -119,20 +118,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_run_args(parser, SCALES)
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
-    # everything that can be wrong is found here, before any training
-    try:
-        spec = spec_from_args(args)
-        compemb.build_embedding(spec, 10000, scale["dim"])  # settings that cannot fit the table
-        check_output_dir(args.out, need_bytes=1 << 20)
+    def prepare(spec):
         vocab = Vocab(load_ptb_text()["train"])
-        probe = LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
-                                  output=args.output)
-        check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
-    except (ValueError, DataUnavailable) as err:
-        parser.error(str(err))
-    if args.check:
-        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
+                                 output=args.output), None
+
+    checked = preflight(parser, args, 10000, scale["dim"], prepare)
+    if checked is None:
         return
+    spec, _ = checked
     result = train(spec, args.output, scale, max_steps=args.max_steps, seed=args.seed,
                    progress=not args.no_progress)
     model, report = result.pop("model"), result.pop("report_obj")

@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader, Sampler
 import compemb
 from accelerate import PartialState
 
-from .common.packages import DataUnavailable
-from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, check_output_dir,
-                         model_bytes, spec_from_args, write_results)
+from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
+                         write_results)
 from .common.training import fit
 from .common.sentiment_data import DATASETS, WordVocab, load_sentiment, num_classes, tokenize
 from .models.bilstm import BiLSTMClassifier
@@ -163,20 +162,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
     dataset = args.dataset or scale["dataset"]
-    # everything that can be wrong is found here, before any training
-    try:
-        spec = spec_from_args(args)
-        compemb.build_embedding(spec, scale["vocab"], scale["dim"])  # settings that cannot fit the table
-        check_output_dir(args.out, need_bytes=1 << 20)
+    def prepare(spec):
         data = load_sentiment(dataset)
         vocab, _ = encode_splits(_limit(data, scale), scale)
-        probe = build_model(spec, len(vocab), num_classes(dataset), scale)
-        check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
-    except (ValueError, DataUnavailable) as err:
-        parser.error(str(err))
-    if args.check:
-        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return build_model(spec, len(vocab), num_classes(dataset), scale), data
+
+    checked = preflight(parser, args, scale["vocab"], scale["dim"], prepare)
+    if checked is None:
         return
+    spec, data = checked
     result = train(spec, scale, data, classes=num_classes(dataset), dataset=dataset,
                    scale_name=args.scale, max_steps=args.max_steps, seed=args.seed,
                    progress=not args.no_progress)

@@ -10,12 +10,14 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 import compemb
+
+from .packages import DataUnavailable
 
 __all__ = ["METHOD_FLAGS", "add_method_args", "spec_from_args", "check_output_dir",
            "hardware", "write_results", "model_bytes", "base_result"]
@@ -222,3 +224,25 @@ def apply_run_args(args: argparse.Namespace, scales: Dict[str, Dict]) -> Dict:
     if args.epochs is not None:
         scale["epochs"] = args.epochs
     return scale
+
+
+def preflight(parser: argparse.ArgumentParser, args: argparse.Namespace, num_embeddings: int,
+              embedding_dim: int, prepare: Callable[[compemb.EmbeddingSpec], Tuple[nn.Module, Any]]
+              ) -> Optional[Tuple[compemb.EmbeddingSpec, Any]]:
+    """Find everything that can be wrong before any training: the method flags, settings
+    the ``num_embeddings x embedding_dim`` table cannot take, the output dir, the data.
+    ``prepare(spec)`` loads the data and returns ``(model, data)``; ``--out`` must hold twice
+    that model. A problem ends the program through ``parser.error``. Returns
+    ``(spec, data)``, or None after printing what was checked when ``--check`` is given."""
+    try:
+        spec = spec_from_args(args)
+        compemb.build_embedding(spec, num_embeddings, embedding_dim)  # before loading data
+        check_output_dir(args.out, need_bytes=1 << 20)
+        probe, data = prepare(spec)
+        check_output_dir(args.out, need_bytes=2 * model_bytes(probe) + (1 << 20))
+    except (ValueError, DataUnavailable) as err:
+        parser.error(str(err))
+    if args.check:
+        print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
+        return None
+    return spec, data
