@@ -168,7 +168,10 @@ def base_result(task: str, dataset: str, scale: str, spec: compemb.EmbeddingSpec
                 model: nn.Module, report: "compemb.CompressionReport", metric: str,
                 value: float, higher_is_better: bool, wall_time_s: float, **extra: Any) -> Dict[str, Any]:
     """The results.json fields every recipe writes (``report.py`` reads these)."""
-    embedding = getattr(model, "embedding", nn.Module())
+    embedding = getattr(model, "embedding", None)
+    if embedding is None:  # a transformers model: its input embedding
+        get_input = getattr(model, "get_input_embeddings", None)
+        embedding = get_input() if callable(get_input) else nn.Module()
     emb_bytes = sum(p.numel() * p.element_size() for p in embedding.parameters())
     return {
         "task": task, "dataset": dataset, "scale": scale,
