@@ -3,11 +3,11 @@
 # two settings each (sentiment: also TT r=12, DPQ-VQ with commitment 0.25 and more seeds
 # of dense and of the >= 100x settings); one CPU thread per run. A run whose folder has a log.txt (done, or
 # started by another invocation) is skipped: delete its folder to run it again.
-#   recipes/grid_small.sh sentiment|ctr [RUNS_DIR]     (JOBS=2 runs two at a time)
+#   recipes/grid_small.sh sentiment|ctr|lstm_lm [RUNS_DIR]     (JOBS=2 runs two at a time)
 # then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
 set -euo pipefail
 cd "$(dirname "$0")/.."
-task=${1:?usage: recipes/grid_small.sh sentiment|ctr [RUNS_DIR]}
+task=${1:?usage: recipes/grid_small.sh sentiment|ctr|lstm_lm [RUNS_DIR]}
 runs=${2:-runs/small}
 PYTHON=${PYTHON:-.venv/bin/python}
 case "$task" in
@@ -37,7 +37,20 @@ case "$task" in
           "dpq-sx-k16-d4:--method dpq --variant sx --num-codes 16 --num-groups 4"
           "dpq-vq-k64-d8:--method dpq --variant vq --num-codes 64 --num-groups 8"
           "dpq-vq-k16-d4:--method dpq --variant vq --num-codes 16 --num-groups 4") ;;
-  *) echo "unknown task $task (sentiment or ctr)" >&2; exit 2 ;;
+  lstm_lm)
+    # one epoch of PTB (about 1,330 steps): the full small scale (6 epochs) takes ~40 min a run here
+    grid=("dense:--method dense --epochs 1"
+          "tt-r8:--method tt --rank 8 --epochs 1"
+          "tt-r16:--method tt --rank 16 --epochs 1"
+          "tt-r32:--method tt --rank 32 --epochs 1"
+          "dpq-sx-k32-d20:--method dpq --variant sx --num-codes 32 --num-groups 20 --epochs 1"
+          "dpq-sx-k64-d100:--method dpq --variant sx --num-codes 64 --num-groups 100 --epochs 1"
+          "dpq-vq-k32-d20:--method dpq --variant vq --num-codes 32 --num-groups 20 --epochs 1"
+          "dpq-vq-k64-d100:--method dpq --variant vq --num-codes 64 --num-groups 100 --epochs 1"
+          "dense-untied:--method dense --output untied --epochs 1"
+          "tt-r32-untied:--method tt --rank 32 --output untied --epochs 1"
+          "dpq-sx-k64-d100-untied:--method dpq --variant sx --num-codes 64 --num-groups 100 --output untied --epochs 1") ;;
+  *) echo "unknown task $task (sentiment, ctr or lstm_lm)" >&2; exit 2 ;;
 esac
 for entry in "${grid[@]}"; do
   name=${entry%%:*}

@@ -17,7 +17,7 @@ from torch import Tensor
 import compemb
 
 from .common.ptb import Vocab, load_ptb_text
-from .common.run import (add_method_args, add_run_args, apply_run_args, hardware, preflight,
+from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
                          write_results)
 from .models.lstm_lm import LSTMLanguageModel
 
@@ -100,15 +100,11 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
     model = accelerator.unwrap_model(model)
     valid = perplexity(model, batchify(vocab.encode(text["valid"]), 10), bptt)
     test = perplexity(model, batchify(vocab.encode(text["test"]), 10), bptt)
-    return {
-        "task": "ptb-lm-lstm", "method": spec.method, "settings": spec.to_dict(), "output": output,
-        "embedding_ratio": report.embedding_ratio,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "report": report.to_dict(), "metric": "test_ppl", "value": test, "valid_ppl": valid,
-        "steps": total_steps, "wall_time_s": train_time,
-        "hardware": hardware(),
-        "model": model, "report_obj": report,
-    }
+    result = base_result("ptb-lm-lstm", "ptb", "-", spec, model, report, "test_ppl", test,
+                         higher_is_better=False, wall_time_s=train_time, valid_ppl=valid,
+                         output=output, steps=total_steps)
+    result.update(model=model, report_obj=report)
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> None:

