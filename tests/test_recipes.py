@@ -388,3 +388,20 @@ def test_report_targets_use_the_mean_over_seeds(tmp_path):
     text = report.render(report.collect([runs]))
     assert "- TT: **missed**: no setting at >= 100x within 1% of dense; the closest is " \
            "tt r=8 (mean of 2 runs) at 150x (-2.50%)" in text
+
+
+def test_report_compares_a_language_model_with_the_dense_run_of_the_same_softmax(tmp_path):
+    runs = tmp_path / "runs"
+    for name, method, output, value in (("dense", "dense", "tied", 100.0),
+                                        ("dense-untied", "dense", "untied", 120.0),
+                                        ("tt", "tt", "tied", 110.0),
+                                        ("tt-untied", "tt", "untied", 121.0)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps(
+            {"task": "ptb-lm-lstm", "method": method, "output": output,
+             "settings": {"method": method, "rank": 4}, "embedding_ratio": 20.0,
+             "metric": "test_ppl", "value": value, "higher_is_better": False}))
+    text = report.render(report.collect([runs]))
+    assert "| tt | tt r=4 (tied softmax) |" in text and "| 110.0000 | -10.00% |" in text
+    assert "| 121.0000 | -0.83% |" in text  # against the untied dense run, not the mean of both
+    assert "- TT: **met**: tt r=4 (untied softmax) at 20x is within 1% of dense (-0.83%)" in text
