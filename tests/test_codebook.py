@@ -211,3 +211,28 @@ def test_export_of_a_trained_layer_round_trips_through_a_checkpoint(tmp_path):
     loaded.load_state_dict(load_file(str(tmp_path / "x.safetensors")))
     idx = torch.randint(64, (4, 9))
     assert torch.equal(loaded(idx), dpq(idx))
+
+
+def test_inference_lookup_follows_changed_values():
+    """The 4-bit lookup table kept between no-grad calls is rebuilt when the values
+    change in place, are replaced, or change dtype."""
+    layer, codes, values = _table(K=16, D=4, s=3)
+    idx = torch.tensor([0, 5, 49, 5])
+
+    def dense(v):
+        return torch.cat([v[g][codes[:, g]] for g in range(4)], dim=1)[idx]
+
+    with torch.no_grad():
+        assert torch.equal(layer(idx), dense(values))
+        layer.values.mul_(2)
+        assert torch.equal(layer(idx), dense(2 * values))
+        layer.load_state_dict({"packed_codes": layer.packed_codes, "values": values})
+        assert torch.equal(layer(idx), dense(values))
+        layer.values = torch.nn.Parameter(values + 1)
+        assert torch.equal(layer(idx), dense(values + 1))
+        layer.double()
+        assert layer(idx).dtype == torch.float64
+        assert torch.equal(layer(idx), dense(values + 1).double())
+    out = layer(idx)  # with autograd: a fresh, differentiable table
+    out.sum().backward()
+    assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0

@@ -100,11 +100,27 @@ class CodebookEmbedding(nn.Module):
         """``LongTensor [...] -> [..., embedding_dim]`` (values' dtype)."""
         check_indices(indices, self.num_embeddings)
         if byte_lookup_applies(self.num_groups, self.bits):  # 1, 2, 4 bits: a row per byte
-            table = byte_table(self.values, self.num_groups, self.bits)
+            table = self._byte_table()
             out = byte_lookup(self.packed_codes, table, self.num_groups, self.bits, indices)
             return self._mask_padding(out, indices)
         codes = unpack_rows(self.packed_codes, self.bits, self.num_groups, indices)
         return self._lookup(codes, indices)
+
+    def _byte_table(self) -> Tensor:
+        """:func:`compemb.dpq.math.byte_table` of the values, kept between calls while
+        no gradient is wanted (inference) and the values are unchanged (same tensor, no
+        in-place change since: its version counter); rebuilt, differentiably, otherwise."""
+        values = self.values
+        if ((torch.is_grad_enabled() and values.requires_grad) or values.is_inference()
+                or torch.compiler.is_compiling()):
+            return byte_table(values, self.num_groups, self.bits)
+        key = (values, values._version, values.data_ptr())
+        cached = self.__dict__.get("_byte_table_cache")
+        if cached is None or cached[0][0] is not values or cached[0][1:] != key[1:]:
+            with torch.no_grad():
+                cached = (key, byte_table(values, self.num_groups, self.bits))
+            self.__dict__["_byte_table_cache"] = cached  # a plain attribute: not in state_dict
+        return cached[1]
 
     def _lookup(self, codes: Tensor, indices: Tensor) -> Tensor:
         table = self.values.reshape(-1, self.values.shape[-1])

@@ -5,6 +5,7 @@ Shapes: ``V`` symbols, ``d`` embedding dim, ``D`` groups, ``s = d // D`` sub-vec
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Tuple
 
 import torch
@@ -114,27 +115,36 @@ def unpack_rows(packed: Tensor, bits: int, num_groups: int, rows: Tensor) -> Ten
     code table (integer dtype: ``uint8`` where the width allows, else ``int64``).
 
     When a row fills whole bytes (``D*bits % 8 == 0``) the rows' bytes are gathered
-    first and split with shifts common to all rows: one row gather plus a few vector
-    ops; otherwise each code is read at its bit offset (:func:`unpack_codes`)."""
+    first (one ``index_select`` of ``D*bits/8``-byte rows) and split with shifts common
+    to all rows; otherwise each code is read at its bit offset (:func:`unpack_codes`)."""
     mask = (1 << bits) - 1
     row_bytes = num_groups * bits // 8
     if (num_groups * bits) % 8 == 0 and 8 % bits == 0:  # 1, 2, 4, 8 bits: no straddling
-        data = packed.view(-1, row_bytes)[rows.reshape(-1)]  # [N, R] uint8
+        data = _row_bytes(packed, row_bytes, rows)  # [N, R] uint8
         if bits == 8:
             return data.view(*rows.shape, num_groups)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (data.unsqueeze(-1) >> shifts) & mask  # [N, R, 8/bits]
         return codes.view(*rows.shape, num_groups)
     if num_groups % 8 == 0 and bits <= 8:  # 8 codes fill ``bits`` bytes: 64-bit words
-        data = packed.view(-1, row_bytes)[rows.reshape(-1)].view(-1, num_groups // 8, bits)
-        word = data[..., 0].to(torch.int64)
-        for k in range(1, bits):
-            word = word | (data[..., k].to(torch.int64) << (8 * k))
+        data = _row_bytes(packed, row_bytes, rows).view(-1, num_groups // 8, bits)
+        if sys.byteorder == "little":  # the 8 codes' bytes, zero-padded, read as one int64
+            word = F.pad(data, (0, 8 - bits)).view(torch.int64)  # [N, D/8, 1]
+        else:
+            word = data[..., :1].to(torch.int64)
+            for k in range(1, bits):
+                word = word | (data[..., k:k + 1].to(torch.int64) << (8 * k))
         shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
-        codes = (word.unsqueeze(-1) >> shifts) & mask  # [N, D/8, 8]
+        codes = (word >> shifts) & mask  # [N, D/8, 8]
         return codes.view(*rows.shape, num_groups)
     groups = torch.arange(num_groups, device=rows.device)
     return unpack_codes(packed, bits, rows.to(torch.int64).unsqueeze(-1) * num_groups + groups)
+
+
+def _row_bytes(packed: Tensor, row_bytes: int, rows: Tensor) -> Tensor:
+    """The packed bytes of symbols ``rows [...]``: ``uint8 [N, row_bytes]`` (one
+    ``index_select``, cheaper than advanced indexing)."""
+    return packed.view(-1, row_bytes).index_select(0, rows.reshape(-1))
 
 
 def byte_table(values: Tensor, num_groups: int, bits: int) -> Tensor:
@@ -163,9 +173,9 @@ def byte_lookup(packed: Tensor, table: Tensor, num_groups: int, bits: int,
                 rows: Tensor) -> Tensor:
     """Rows ``[..., d]`` of symbols ``rows [...]`` through :func:`byte_table`."""
     row_bytes = num_groups * bits // 8
-    data = packed.view(-1, row_bytes)[rows.reshape(-1)]  # [N, R] uint8
-    offsets = torch.arange(row_bytes, device=packed.device) * 256
-    out = F.embedding(torch.add(data, offsets), table)  # [N, R, per*s]
+    data = _row_bytes(packed, row_bytes, rows)  # [N, R] uint8
+    offsets = torch.arange(row_bytes, device=packed.device, dtype=torch.int32) * 256
+    out = F.embedding(torch.add(data, offsets), table)  # [N, R, per*s]; int32 indices
     return out.reshape(*rows.shape, -1)
 
 
@@ -327,11 +337,12 @@ def distributed_world_size() -> int:
 # --------------------------------------------------------------------------- lookups
 
 def codebook_index(codes: Tensor, num_codes: int, shared: bool) -> Tensor:
-    """Rows of the flattened ``[G*Kc, s]`` value table for codes ``[..., D]``."""
+    """Rows of the flattened ``[G*Kc, s]`` value table for codes ``[..., D]`` (int32 for
+    ``uint8`` codes: half the bytes of int64, and an embedding takes either)."""
     if shared:
         return codes.long()
-    offsets = torch.arange(codes.shape[-1], device=codes.device) * num_codes
-    return torch.add(codes, offsets)  # promotes uint8 codes to int64 in the same pass
+    offsets = torch.arange(codes.shape[-1], device=codes.device, dtype=torch.int32) * num_codes
+    return torch.add(codes, offsets)  # promotes uint8 codes to int32 in the same pass
 
 
 def codebook_logits(hidden: Tensor, values: Tensor, codes: Tensor, tile: int = 1024) -> Tensor:
