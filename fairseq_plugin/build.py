@@ -61,16 +61,17 @@ def _fairseq_scale(layer: nn.Module, method: str, embedding_dim: int,
                    padding_idx: Optional[int]) -> None:
     """fairseq initialises token embeddings with std ``dim**-0.5`` (then multiplies them
     by ``sqrt(dim)``, and ties the softmax to them): the layers whose own init is
-    N(0, 1) per entry (``dense``; ``dpq``, whose output rows are rows of its N(0, 1)
-    values) are scaled to that std. TT/TR keep the paper's Glorot init (eq. 2)."""
-    with torch.no_grad():
-        if method == "dense":
-            nn.init.normal_(layer.weight, mean=0.0, std=embedding_dim ** -0.5)
+    N(0, 1) per entry are redrawn at that std (``dense`` as fairseq does; ``dpq``, whose
+    output rows are rows of its values, through the core's
+    ``DPQEmbedding.reset_parameters(std)``). TT/TR keep the paper's Glorot init (eq. 2)."""
+    std = embedding_dim ** -0.5
+    if method == "dense":
+        with torch.no_grad():
+            nn.init.normal_(layer.weight, mean=0.0, std=std)
             if padding_idx is not None:
                 layer.weight[padding_idx].zero_()
-        elif method == "dpq":
-            for p in layer.parameters():
-                p.mul_(embedding_dim ** -0.5)
+    elif method == "dpq":
+        layer.reset_parameters(std=std)
 
 
 def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embeddings: int,

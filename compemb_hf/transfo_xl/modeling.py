@@ -655,9 +655,9 @@ def _should_compress(layer: nn.Module, dense_entries: int, dense_below: int) -> 
 
 def _build_table(spec, weight: Tensor, from_dense: bool, init_std: float = 0.02) -> nn.Module:
     """A compemb layer for ``weight``'s table: compressed from it, or freshly built. A
-    fresh DPQ layer (N(0, 1) values) is scaled to the model's ``init_std`` like the dense
-    tables (a common scale of query, keys and values leaves its codes unchanged); TT/TR
-    keep their own (Glorot-like) initialisation."""
+    fresh DPQ layer is drawn at the model's ``init_std``, the std of the dense word tables
+    it replaces (``DPQEmbedding.reset_parameters(std)``: query, keys and values at that
+    std, so output rows have it); TT/TR keep their own (Glorot-like) initialisation."""
     from compemb import build_embedding, compress_embedding
 
     if from_dense:
@@ -665,9 +665,7 @@ def _build_table(spec, weight: Tensor, from_dense: bool, init_std: float = 0.02)
     else:
         layer = build_embedding(spec, weight.shape[0], weight.shape[1])
         if spec.method == "dpq":
-            with torch.no_grad():
-                for p in layer.parameters():
-                    p.mul_(init_std)
+            layer.reset_parameters(std=init_std)
     if weight.device.type != "meta":
         layer = layer.to(device=weight.device)
     if weight.dtype != torch.float32 and weight.is_floating_point():
