@@ -44,31 +44,36 @@ WT103_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test
 
 SCALES: Dict[str, Dict] = {
     # model: n_layer, d_model (= d_embed), n_head x d_head, d_inner, cutoffs/div_val (adaptive
-    # input and softmax; [] = one table and a full softmax); training: batch streams of
+    # input and softmax; [] = one table and a full softmax), pre_lnorm (LayerNorm before each
+    # sub-layer; measured here: the paper's post-LN model is still at the unigram perplexity
+    # (~800) after 200 steps, the pre-LN one at ~350 after 140); training: batch streams of
     # tgt_len tokens with mem_len remembered, `steps` optimizer steps (--epochs overrides),
-    # Adam at lr with linear warmup then cosine decay; evaluation: eval_batch streams,
-    # segments of eval_tgt_len with eval_mem_len remembered (clamp_len, same_length).
+    # Adam at lr with linear warmup then cosine decay (clamp_len, same_length: the
+    # attention of training); evaluation: eval_batch streams, segments of eval_tgt_len
+    # with eval_mem_len remembered (eval_clamp_len, eval_same_length).
     # vocab: the table size --check tests the method settings against before any data;
     # eval_tokens: evaluate on the first that many tokens of valid / test (None: all).
     "smoke": dict(dataset="ptb", vocab=10000, n_layer=1, d_model=32, n_head=2, d_head=16,
-                  d_inner=64, cutoffs=[], div_val=1, dropout=0.0, dropatt=0.0, tgt_len=16,
-                  mem_len=16, batch=4, steps=30, lr=3e-3, warmup=3, eval_batch=4,
-                  eval_tgt_len=16, eval_mem_len=16, clamp_len=-1, same_length=False, log_every=10,
-                  eval_tokens=2000),
-    # about 3 minutes of training on one CPU thread (~1k tokens/s) plus ~1 minute of evaluation
+                  d_inner=64, cutoffs=[], div_val=1, pre_lnorm=True, dropout=0.0, dropatt=0.0,
+                  tgt_len=16, mem_len=16, batch=4, steps=30, lr=3e-3, warmup=3, eval_batch=4,
+                  eval_tgt_len=16, eval_mem_len=16, clamp_len=-1, same_length=False,
+                  eval_clamp_len=-1, eval_same_length=False, log_every=10, eval_tokens=2000),
+    # 250 steps of 16 x 35 tokens (~15% of an epoch): about 2-4 minutes on one CPU thread
+    # (DPQ-SX about twice the dense time) plus ~40 s of evaluation
     "small": dict(dataset="ptb", vocab=10000, n_layer=4, d_model=256, n_head=4, d_head=64,
-                  d_inner=1024, cutoffs=[], div_val=1, dropout=0.1, dropatt=0.0, tgt_len=35,
-                  mem_len=35, batch=16, steps=250, lr=1e-3, warmup=25, eval_batch=40,
-                  eval_tgt_len=35, eval_mem_len=35, clamp_len=-1, same_length=False, log_every=25),
+                  d_inner=1024, cutoffs=[], div_val=1, pre_lnorm=True, dropout=0.1, dropatt=0.0,
+                  tgt_len=35, mem_len=35, batch=16, steps=250, lr=2e-3, warmup=25, eval_batch=40,
+                  eval_tgt_len=35, eval_mem_len=35, clamp_len=-1, same_length=False,
+                  eval_clamp_len=-1, eval_same_length=False, log_every=25),
     # Transformer-XL base, WikiText-103 (Dai et al. 2019, run_wt103_base.sh): 16 layers,
     # d 410, 10 heads of 41, d_inner 2100, adaptive input/softmax div_val 1, tgt_len = mem_len
     # = 150, batch 60, Adam 2.5e-4 cosine over 200k steps; evaluated with tgt_len 64,
     # mem_len 640, clamp_len 400, same_length
     "paper": dict(dataset="wikitext-103", vocab=267735, n_layer=16, d_model=410, n_head=10,
-                  d_head=41, d_inner=2100, cutoffs=[20000, 40000, 200000], div_val=1, dropout=0.1,
-                  dropatt=0.0, tgt_len=150, mem_len=150, batch=60, steps=200000, lr=2.5e-4,
-                  warmup=0, eval_batch=10, eval_tgt_len=64, eval_mem_len=640, clamp_len=400,
-                  same_length=True, log_every=200),
+                  d_head=41, d_inner=2100, cutoffs=[20000, 40000, 200000], div_val=1,
+                  pre_lnorm=False, dropout=0.1, dropatt=0.0, tgt_len=150, mem_len=150, batch=60, steps=200000, lr=2.5e-4,
+                  warmup=0, eval_batch=10, eval_tgt_len=64, eval_mem_len=640, clamp_len=-1,
+                  same_length=False, eval_clamp_len=400, eval_same_length=True, log_every=200),
 }
 
 
@@ -139,7 +144,7 @@ def build_model(spec: compemb.EmbeddingSpec, output: str, vocab_size: int, scale
         vocab_size=vocab_size, cutoffs=list(scale["cutoffs"]), div_val=scale["div_val"],
         d_model=scale["d_model"], d_embed=scale["d_model"], n_head=scale["n_head"],
         d_head=scale["d_head"], d_inner=scale["d_inner"], n_layer=scale["n_layer"],
-        dropout=scale["dropout"], dropatt=scale["dropatt"], tgt_len=scale["tgt_len"],
+        pre_lnorm=scale["pre_lnorm"], dropout=scale["dropout"], dropatt=scale["dropatt"], tgt_len=scale["tgt_len"],
         mem_len=scale["mem_len"], clamp_len=scale["clamp_len"], same_length=scale["same_length"],
         compressed_embedding=compressed, tie_word_embeddings=output == "tied")
     return TransfoXLLMHeadModel(config)
@@ -180,8 +185,8 @@ def perplexity(model: TransfoXLLMHeadModel, ids: Tensor, scale: Dict, accelerato
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     if mine.shape[0]:
         out = evaluate_perplexity(model, mine, tgt_len=scale["eval_tgt_len"],
-                                  mem_len=scale["eval_mem_len"], clamp_len=scale["clamp_len"],
-                                  same_length=scale["same_length"])
+                                  mem_len=scale["eval_mem_len"], clamp_len=scale["eval_clamp_len"],
+                                  same_length=scale["eval_same_length"])
         total += torch.tensor([out["loss"] * out["tokens"], out["tokens"]], dtype=torch.float64,
                               device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
@@ -196,11 +201,13 @@ def train(model: TransfoXLLMHeadModel, spec: compemb.EmbeddingSpec, output: str,
     ``scale["epochs"]`` epochs when set, else ``scale["steps"]``) optimizer steps, then
     evaluate valid and test perplexity. Returns the results dict, the trained model under
     ``"model"``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator()
+    # with cutoffs, a step whose targets miss a tail cluster leaves its softmax unused
+    accelerator = Accelerator(kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=bool(scale["cutoffs"]))])
     report = compemb.compression_report(model)
     # every process reads `batch` streams of its own
     streams = batchify(ids["train"], scale["batch"] * accelerator.num_processes)
@@ -297,7 +304,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("--output dense is for a compressed input with a dense softmax; with "
                      "--method dense choose tied or untied")
     expected_vocab = 10000 if dataset == "ptb" else SCALES["paper"]["vocab"]
-    head = scale["cutoffs"][0] if scale["cutoffs"] else expected_vocab
+    # the first input table: with div_val 1 the adaptive input is one table of every word
+    head = scale["cutoffs"][0] if scale["cutoffs"] and scale["div_val"] > 1 else expected_vocab
 
     def prepare(spec):
         text = load_text(dataset, args.data_path)
