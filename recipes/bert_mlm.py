@@ -23,11 +23,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import compemb
@@ -45,9 +45,10 @@ SCALES: Dict[str, Dict] = {
     # read per source and split (None: all); eval_blocks: held-out blocks scored per split
     "smoke": dict(dataset="packages", layers=1, hidden=32, heads=2, intermediate=64, vocab=300,
                   seq=32, batch=8, steps=30, lr=2e-3, warmup=0.1, train_lines=400, eval_blocks=16),
-    # ~2.5 min on one unloaded CPU thread (0.4 s a step; 614k training tokens, 1/3 epoch)
+    # ~3-4 min on one unloaded CPU thread (5 min on a loaded one); 2.5 M training tokens,
+    # 1.2 epochs of the 2 M-token PTB + KJV text
     "small": dict(dataset="packages", layers=2, hidden=128, heads=2, intermediate=512, vocab=8000,
-                  seq=64, batch=32, steps=300, lr=2e-3, warmup=0.06, train_lines=None,
+                  seq=64, batch=32, steps=1200, lr=2e-3, warmup=0.06, train_lines=None,
                   eval_blocks=256),
     # BERT-base; the original ran 1M steps of 256 x 512 tokens (90% of them at 128)
     "paper": dict(dataset="wikipedia", layers=12, hidden=768, heads=12, intermediate=3072,
@@ -235,17 +236,41 @@ def build_model(spec: compemb.EmbeddingSpec, output: str, vocab_size: int, scale
     return model
 
 
+class MaskedPositionsMLM(nn.Module):
+    """``BertForMaskedLM`` scoring only the masked positions: the vocabulary projection,
+    most of a small BERT's compute, runs on the ~15% of the tokens that have a label.
+
+    ``forward(input_ids [B, T], labels [B, T] (-100: not scored))`` returns the summed
+    negative log-likelihood and the number of scored tokens per sequence, ``([B], [B])``."""
+
+    def __init__(self, mlm: nn.Module) -> None:
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        hidden = self.mlm.bert(input_ids=input_ids).last_hidden_state  # [B, T, H]
+        scored = labels != -100
+        logits = self.mlm.cls(hidden[scored])  # [N, V]
+        nll = F.cross_entropy(logits, labels[scored], reduction="none")  # [N]
+        rows = scored.nonzero()[:, 0]
+        sums = torch.zeros(labels.size(0), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        return sums, scored.sum(1).to(nll.dtype)
+
+
+def mlm_loss(model: nn.Module, batch: Dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over the masked positions of a batch."""
+    sums, counts = model(batch["input_ids"], batch["labels"])
+    return sums.sum() / counts.sum().clamp(min=1.0)
+
+
 @torch.no_grad()
-def mlm_perplexity(model, loader: DataLoader, accelerator) -> float:
-    """``exp`` of the mean cross-entropy over the masked positions of ``loader``."""
+def mlm_perplexity(model: nn.Module, loader: DataLoader, accelerator) -> float:
+    """``exp`` of the mean cross-entropy over the masked positions of ``loader``
+    (``model``: a :class:`MaskedPositionsMLM`)."""
     model.eval()
     nll = count = 0.0
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"]).logits
-        per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100,
-                                    reduction="none")  # [B, T]
-        sums, counts = accelerator.gather_for_metrics(
-            (per_token.sum(1), (batch["labels"] != -100).sum(1).float()))
+        sums, counts = accelerator.gather_for_metrics(model(batch["input_ids"], batch["labels"]))
         nll += float(sums.sum())
         count += float(counts.sum())
     model.train()
@@ -263,8 +288,9 @@ def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, d
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
-    model = build_model(spec, output, len(tokenizer), scale, tokenizer.pad_token_id)
-    report = compemb.compression_report(model)
+    mlm = build_model(spec, output, len(tokenizer), scale, tokenizer.pad_token_id)
+    report = compemb.compression_report(mlm)
+    model = MaskedPositionsMLM(mlm)
     accelerator = Accelerator()
     generator = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(Blocks(data["train"]), batch_size=scale["batch"], shuffle=True,
@@ -282,13 +308,13 @@ def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, d
                                                 total_steps)
     start = time.time()
     history, best_epoch, step = fit(
-        accelerator, model, optimizer, train_dl, lambda m, b: m(**b).loss,
+        accelerator, model, optimizer, train_dl, mlm_loss,
         lambda: {"valid_neg_perplexity": -mlm_perplexity(model, valid_dl, accelerator)},
         "valid_neg_perplexity", total_steps, scheduler=scheduler, clip_norm=1.0,
         progress=progress, desc=f"bert-mlm {spec.method}/{output}", log_every=log_every)
     test = mlm_perplexity(model, test_dl, accelerator)
     wall = time.time() - start
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model).mlm
     for entry in history:
         entry["valid_perplexity"] = -entry.pop("valid_neg_perplexity")
     result = base_result(

@@ -3,7 +3,8 @@ pretrained) on movie-review sentiment: does the compressed embedding carry meani
 metric is test accuracy at the epoch with the best validation accuracy. ``--init random``
 fine-tunes the same architecture (same tokenizer, same compressed layers) from random
 weights instead: the baseline without pretraining (results under the task
-``bert-sentiment-no-pretraining``).
+``bert-sentiment-no-pretraining``); ``--init embedding`` loads only the pretrained word
+embedding (task ``bert-sentiment-embedding-only``).
 
     recipes/bert_mlm.sh --method tt --rank 16 --scale small --out runs/bert_tt16
     recipes/bert_sentiment.sh --pretrained runs/bert_tt16 --scale small --out runs/bert_tt16_sent
@@ -42,7 +43,10 @@ SCALES: Dict[str, Dict] = {
     "small": dict(dataset="rt", max_len=64, batch=32, epochs=2, lr=5e-4, warmup=0.1, train_limit=None),
     "paper": dict(dataset="imdb", max_len=512, batch=32, epochs=3, lr=2e-5, warmup=0.1, train_limit=None),
 }
-INITS = ("pretrained", "random")
+INITS = ("pretrained", "embedding", "random")
+#: results.json task per --init
+TASKS = {"pretrained": "bert-sentiment", "embedding": "bert-sentiment-embedding-only",
+         "random": "bert-sentiment-no-pretraining"}
 CHECKPOINT_FILES = ("config.json", "tokenizer.json", "embedding_spec.json")
 
 
@@ -63,8 +67,9 @@ def check_pretrained(path: Path) -> Optional[str]:
 def load_classifier(path: Path, num_labels: int, init: str = "pretrained"):
     """``BertForSequenceClassification`` over the bert_mlm checkpoint in ``path``: its
     encoder and compressed word embedding loaded (``init="pretrained"``; the MLM head is
-    dropped, the pooler and classifier start random), or the same architecture with
-    random weights (``init="random"``)."""
+    dropped, the pooler and classifier start random), only its word embedding loaded and
+    the rest random (``init="embedding"``), or the same architecture with random weights
+    (``init="random"``)."""
     import compemb_hf
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -73,15 +78,20 @@ def load_classifier(path: Path, num_labels: int, init: str = "pretrained"):
     if quant is not None:
         quant = dict(quant) if isinstance(quant, dict) else quant.to_dict()
         quant["output"] = None  # a classifier has no LM head to tie or compress
+    if init != "random" and quant is not None:
+        config.quantization_config = quant
+    pretrained = (BertForSequenceClassification.from_pretrained(path, config=config)
+                  if init != "random" else None)
     if init == "pretrained":
-        if quant is not None:
-            config.quantization_config = quant
-        return BertForSequenceClassification.from_pretrained(path, config=config)
+        return pretrained
+    config = BertConfig.from_pretrained(path, num_labels=num_labels)
     if quant is not None:
         del config.quantization_config
     model = BertForSequenceClassification(config)
     if quant is not None:
         compemb_hf.compress(model, compemb_hf.CompressedEmbeddingConfig.from_dict({**quant, "init": "random"}))
+    if pretrained is not None:  # init="embedding"
+        model.get_input_embeddings().load_state_dict(pretrained.get_input_embeddings().state_dict())
     return model
 
 
@@ -160,9 +170,8 @@ def finetune(spec: compemb.EmbeddingSpec, pretrained: Path, init: str, scale: Di
     if (pretrained / "results.json").is_file():
         source = json.loads((pretrained / "results.json").read_text())
         pretraining = {k: source.get(k) for k in ("metric", "value", "steps", "output", "wall_time_s")}
-    task = "bert-sentiment" if init == "pretrained" else "bert-sentiment-no-pretraining"
     result = base_result(
-        task, dataset, scale_name, spec, model, report, "test_accuracy", test, True, wall,
+        TASKS[init], dataset, scale_name, spec, model, report, "test_accuracy", test, True, wall,
         init=init, pretrained=str(pretrained), pretraining=pretraining,
         valid_accuracy=history[best_epoch - 1]["valid_accuracy"], best_epoch=best_epoch, steps=step,
         history=history, vocab_size=len(tokenizer), hyperparameters=scale,
@@ -176,11 +185,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--pretrained", type=Path, required=True,
                         help="the --out folder of recipes/bert_mlm.py (checkpoint and tokenizer)")
     parser.add_argument("--init", default="pretrained", choices=INITS,
-                        help="start from the pretrained weights, or from random ones (baseline)")
+                        help="start from the pretrained weights, from the pretrained word embedding only "
+                             "(the encoder random), or from random weights (the baseline)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: rt (smoke, small), imdb (paper)")
     add_run_args(parser, SCALES)
+    parser.add_argument("--lr", type=float, help="override the scale's learning rate")
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
+    if args.lr is not None:
+        scale["lr"] = args.lr
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dataset = args.dataset or scale["dataset"]
     problem = check_pretrained(args.pretrained)

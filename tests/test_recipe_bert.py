@@ -103,6 +103,20 @@ def test_tokenizer_and_blocks():
     assert (labels[:, 0] == -100).all() and (labels[:, -1] == -100).all()  # [CLS] / [SEP] never
 
 
+def test_masked_positions_loss_is_the_mlm_loss():
+    """Scoring only the labelled positions gives BertForMaskedLM's own loss."""
+    from compemb import EmbeddingSpec
+    torch.manual_seed(0)
+    for spec in (EmbeddingSpec("dense", {}), EmbeddingSpec("tt", {"rank": 4})):
+        mlm = bert_mlm.build_model(spec, "tied", 300, bert_mlm.SCALES["smoke"]).eval()
+        ids = torch.randint(5, 300, (3, 32))
+        labels = torch.where(torch.rand(3, 32) < 0.2, ids, torch.full_like(ids, -100))
+        expected = mlm(input_ids=ids, labels=labels).loss
+        sums, counts = bert_mlm.MaskedPositionsMLM(mlm)(ids, labels)
+        assert counts.tolist() == (labels != -100).sum(1).tolist()
+        assert torch.allclose(sums.sum() / counts.sum(), expected, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- pretraining
 
 def test_pretraining_and_finetuning(text_cache, tmp_path):
@@ -153,12 +167,18 @@ def test_pretraining_and_finetuning(text_cache, tmp_path):
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     fresh = bert_sentiment.load_classifier(source, 2, init="random").get_input_embeddings().state_dict()
     assert fresh.keys() == saved.keys() and not all(torch.equal(fresh[k], saved[k]) for k in saved)
-    for init in ("pretrained", "random"):
+    embedding_only = bert_sentiment.load_classifier(source, 2, init="embedding")
+    loaded = embedding_only.get_input_embeddings().state_dict()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    encoder = BertForMaskedLM.from_pretrained(source).bert.encoder.state_dict()
+    assert not torch.equal(embedding_only.bert.encoder.state_dict()["layer.0.output.dense.weight"],
+                           encoder["layer.0.output.dense.weight"])
+    for init in ("pretrained", "embedding", "random"):
         out = tmp_path / f"sentiment-{init}"
         bert_sentiment.main(["--pretrained", str(source), "--init", init, "--scale", "smoke",
                              "--out", str(out), "--no-progress", "--threads", "1"])
         result = json.loads((out / "results.json").read_text())
-        assert result["task"] == ("bert-sentiment" if init == "pretrained" else "bert-sentiment-no-pretraining")
+        assert result["task"] == bert_sentiment.TASKS[init] and result["init"] == init
         assert result["metric"] == "test_accuracy" and 0.0 <= result["value"] <= 1.0
         assert result["method"] == "dpq" and result["settings"]["variant"] == "vq"
         assert result["embedding_ratio"] == results["dpq-vq"]["embedding_ratio"]
