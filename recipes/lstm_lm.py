@@ -110,10 +110,17 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
-    parser.add_argument("--output", default="tied", choices=["tied", "untied", "dense"])
+    parser.add_argument("--output", default="tied", choices=["tied", "untied", "dense"],
+                        help="the softmax: the input table (tied), a second table of the same "
+                             "method (untied) or a plain dense layer")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: the scale's)")
     add_run_args(parser, SCALES)
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
+    if args.lr is not None:
+        if not args.lr > 0:
+            parser.error(f"argument --lr: must be > 0, got {args.lr}")
+        scale["lr"] = args.lr
     def prepare(spec):
         vocab = Vocab(load_ptb_text()["train"])
         return LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
@@ -126,7 +133,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     result = train(spec, args.output, scale, max_steps=args.max_steps, seed=args.seed,
                    progress=not args.no_progress)
     model, report = result.pop("model"), result.pop("report_obj")
-    result.update(dataset="ptb", scale=args.scale, higher_is_better=False)
+    result.update(dataset="ptb", scale=args.scale, higher_is_better=False, lr=scale["lr"],
+                  epochs=scale["epochs"])
     print(report)
     print(f"valid ppl {result['valid_ppl']:.2f}  test ppl {result['value']:.2f}")
     write_results(args.out, result, model)

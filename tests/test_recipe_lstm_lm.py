@@ -89,3 +89,11 @@ def test_demo_trains_dense_tt_and_dpq_and_prints_the_table(ptb_cache, capsys):
     assert out.count("compressed layers:") == 3
     for label, _ in demo_ptb.RUNS:
         assert any(line.startswith(label) for line in out.splitlines()), label
+
+
+def test_learning_rate_flag_is_recorded_and_checked(ptb_cache, tmp_path, capsys):
+    _, result = _run(tmp_path, "--method", "dense", "--max-steps", "1", "--lr", "0.01")
+    assert result["lr"] == 0.01 and result["epochs"] == lstm_lm.SCALES["smoke"]["epochs"]
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "bad", "--lr", "0")
+    assert "argument --lr: must be > 0, got 0.0" in capsys.readouterr().err
