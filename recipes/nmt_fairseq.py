@@ -35,10 +35,9 @@ from typing import Dict, List, Optional
 import compemb
 
 from .common.bible_data import Pair
-from .common.packages import DataUnavailable
-from .common.run import (METHOD_FLAGS, add_method_args, add_run_args, apply_run_args, base_result,
-                         preflight, write_results)
-from .nmt import DATASETS, LABEL_SMOOTHING, SCALES, bpe_and_pairs, build_model, corpus_bleu, load_pairs
+from .common.run import METHOD_FLAGS, add_method_args, add_run_args, apply_run_args, preflight, write_results
+from .nmt import (LABEL_SMOOTHING, SCALES, add_data_args, bpe_and_pairs, build_model, corpus_bleu, load_checked_pairs,
+                  translation_result)
 
 ARCHS = {"smoke": "compemb_transformer_tiny", "small": "compemb_transformer_base",
          "paper": "compemb_transformer_wmt_en_de_big"}
@@ -164,20 +163,12 @@ def run_fairseq(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[P
     vocab_size = len(model.encoder.dictionary)
     dim = model.encoder.embed_tokens.embedding_dim if hasattr(model.encoder.embed_tokens, "embedding_dim") \
         else scale["d_model"]
-    tables = 1 if output == "tied" else 3
-    extra = {} if report.rows else {"embedding_stored_bytes": tables * vocab_size * dim * 4,
-                                    "embedding_dense_bytes": tables * vocab_size * dim * 4}
-    result = base_result(
-        "nmt-fairseq", dataset, scale_name, spec, model, report, "test_bleu", bleu, True, wall,
-        output=output, valid_loss=valid_nll, train_time_s=train_time, steps=updates,
-        decode="greedy" if scale["beam"] == 1 else f"beam {scale['beam']}", vocab_size=vocab_size,
-        embedding_dim=dim, hyperparameters=scale, label_smoothing=LABEL_SMOOTHING,
-        examples={k: len(v) for k, v in data.items()}, bpe_model="spm.model",
-        checkpoint=str(last.relative_to(out)), checkpoint_bytes=last.stat().st_size,
-        fairseq_train_args=train_argv[1:],
-        samples=[{"source": s, "reference": t, "hypothesis": h}
-                 for (s, t), h in list(zip(data["test"], hypotheses))[:5]],
-        **extra)
+    result = translation_result(
+        "nmt-fairseq", dataset, scale_name, spec, model, report, bleu, wall, output=output,
+        valid_loss=valid_nll, train_time_s=train_time, steps=updates, vocab_size=vocab_size,
+        embedding_dim=dim, tables=1 if output == "tied" else 3, scale=scale, data=data,
+        hypotheses=hypotheses, checkpoint=str(last.relative_to(out)),
+        checkpoint_bytes=last.stat().st_size, fairseq_train_args=train_argv[1:])
     result["model"] = model
     return result
 
@@ -188,9 +179,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_run_args(parser, SCALES)
     parser.add_argument("--output", default="tied", choices=["tied", "untied"],
                         help="tied: --share-all-embeddings; untied: --softmax untied (see above)")
-    parser.add_argument("--dataset", choices=DATASETS, help="default: bible (smoke, small), wmt14 (paper)")
-    parser.add_argument("--data-dir", type=Path,
-                        help="{train,valid,test}.{en,de} text files instead of --dataset")
+    add_data_args(parser)
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
     dataset = "custom" if args.data_dir else (args.dataset or scale["dataset"])
@@ -201,10 +190,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     def prepare(spec):
         fairseq_method_flags(spec)  # a setting fairseq has no flag for fails here
-        data = load_pairs(dataset, args.data_dir, seed=args.seed)
-        if not all(data.get(k) for k in ("train", "valid", "test")):
-            raise DataUnavailable(f"{dataset}: a split has no sentence pairs "
-                                  f"({ {k: len(v) for k, v in data.items()} })")
+        data = load_checked_pairs(dataset, args.data_dir, args.seed)
         # the probe (the HF model of the same size) sizes the free-space check
         return build_model(spec, scale["vocab"], scale, args.output), data
 
