@@ -237,7 +237,6 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
         rows = sorted(groups[key], key=lambda r: (r["method"] != "dense", r.get("embedding_ratio", 1.0), label(r)))
         task, dataset, scale = key
         higher = _higher_is_better(rows[0])
-        base = _baseline(rows)
         metric = rows[0].get("metric", "metric")
         out += [f"## {task}: {dataset} ({scale} scale)", ""]
         hw = sorted({r.get("hardware", "?") for r in rows})
@@ -253,14 +252,18 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
                 f"{stored / 1024:.1f} KiB | {r.get('total_parameters', 0):,} | "
                 f"{r['value']:.4f} | {_pct(_rel(r['value'], _baseline(rows, r.get('output')), higher)) if r['method'] != 'dense' else '-'} | "
                 f"{_fmt_time(r.get('wall_time_s', 0.0))} |")
-        dense = [r["value"] for r in rows if r["method"] == "dense" and _finite(r["value"])]
         out += ["", "\"vs dense\": relative change of the metric against the mean of the dense runs "
                 "(with the same softmax, tied or untied, where the model has one), signed so that "
                 "negative is worse."]
-        if len(dense) > 1:
-            out += [f"The {len(dense)} dense runs (seeds) give {min(dense):.4f} to {max(dense):.4f}, "
-                    f"mean {base:.4f}: a spread of {100 * (max(dense) - min(dense)) / abs(base):.1f}% "
-                    f"of the mean from the seed alone."]
+        for output in sorted({r.get("output") or "" for r in rows if r["method"] == "dense"}):
+            dense = [r["value"] for r in rows if r["method"] == "dense" and (r.get("output") or "") == output
+                     and _finite(r["value"])]
+            if len(dense) > 1:
+                mean = sum(dense) / len(dense)
+                what = f"dense runs ({output} softmax, seeds)" if output else "dense runs (seeds)"
+                out += [f"The {len(dense)} {what} give {min(dense):.4f} to {max(dense):.4f}, "
+                        f"mean {mean:.4f}: a spread of {100 * (max(dense) - min(dense)) / abs(mean):.1f}% "
+                        f"of the mean from the seed alone."]
         out += [""]
         need = TARGETS.get(task, TARGETS["default"])
         out += [f"Target: a TT and a DPQ setting at >= {need:.0f}x embedding compression within 1% "
