@@ -3,11 +3,11 @@
 # two settings each (sentiment: also TT r=12, DPQ-VQ with commitment 0.25 and more seeds
 # of dense and of the >= 100x settings); one CPU thread per run. A run whose folder has a log.txt (done, or
 # started by another invocation) is skipped: delete its folder to run it again.
-#   recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|bert_mlm [RUNS_DIR]     (JOBS=2 runs two at a time)
+#   recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|nmt_fairseq|bert_mlm [RUNS_DIR]     (JOBS=2 runs two at a time)
 # then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
 set -euo pipefail
 cd "$(dirname "$0")/.."
-task=${1:?usage: recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|bert_mlm [RUNS_DIR]}
+task=${1:?usage: recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|nmt_fairseq|bert_mlm [RUNS_DIR]}
 runs=${2:-runs/small}
 PYTHON=${PYTHON:-.venv/bin/python}
 case "$task" in
@@ -63,7 +63,22 @@ case "$task" in
           "dense-untied:--method dense --output untied"
           "tt-r32-untied:--method tt --rank 32 --output untied"
           "dpq-sx-k32-d128-untied:--method dpq --variant sx --num-codes 32 --num-groups 128 --output untied") ;;
-  *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt or bert_mlm)" >&2; exit 2 ;;
+  nmt)
+    # 600 steps of 32 verse pairs (d 128, 2+2 layers); the fairseq route: recipes.nmt_fairseq
+    grid=("dense:--method dense"
+          "tt-r8:--method tt --rank 8"
+          "tt-r16:--method tt --rank 16"
+          "tt-r32:--method tt --rank 32"
+          "dpq-sx-k64-d32:--method dpq --variant sx --num-codes 64 --num-groups 32"
+          "dpq-sx-k32-d16:--method dpq --variant sx --num-codes 32 --num-groups 16"
+          "dpq-vq-k64-d32:--method dpq --variant vq --num-codes 64 --num-groups 32"
+          "dpq-vq-k32-d16:--method dpq --variant vq --num-codes 32 --num-groups 16"
+          "dense-untied:--method dense --output untied"
+          "tt-r16-untied:--method tt --rank 16 --output untied"
+          "dpq-sx-k32-d16-untied:--method dpq --variant sx --num-codes 32 --num-groups 16 --output untied") ;;
+  nmt_fairseq)
+    grid=("dense:--method dense" "tt-r16:--method tt --rank 16") ;;
+  *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
 for entry in "${grid[@]}"; do
   name=${entry%%:*}
