@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from compemb import OutputLayer, build_embedding, compress_embedding
+from compemb import DPQEmbedding, OutputLayer, build_embedding, compress_embedding
 
 from .config import CompressedEmbeddingConfig
 
@@ -205,6 +205,12 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
     else:
         layer = build_embedding(spec, int(weight.shape[0]), int(weight.shape[1]),
                                 padding_idx=padding_idx)
+        if isinstance(layer, DPQEmbedding) and weight.device.type != "meta":
+            # at the scale of the table it replaces (BERT: N(0, 0.02)): DPQ's own N(0, 1) gave
+            # a tied head logits ~50x too large (a BERT MLM started at loss 16.6, not ln V)
+            std = float(weight.detach().float().std())
+            if std > 0:
+                layer.reset_parameters(std=std)
     if weight.device.type != "meta":  # on meta (inside from_pretrained) it stays there
         layer = layer.to(weight.device)
     if weight.dtype != torch.float32 and weight.is_floating_point():

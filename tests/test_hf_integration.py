@@ -125,6 +125,19 @@ def test_pretrained_init_reproduces_the_dense_model_at_full_rank(tmp_path):
     assert not torch.allclose(_logits(rand, "bert-mlm"), _logits(dense, "bert-mlm"), atol=1e-2)
 
 
+@pytest.mark.parametrize("variant", ["sx", "vq"])
+def test_random_dpq_tables_start_at_the_scale_of_the_table_they_replace(variant):
+    torch.manual_seed(0)
+    model = tiny_model("bert-mlm")
+    std = model.get_input_embeddings().weight.std().item()  # BERT: initializer_range 0.02
+    compemb_hf.compress(model, Cfg("dpq", num_codes=4, num_groups=4, variant=variant, init="random"))
+    table = model.get_input_embeddings()
+    rows = table(torch.arange(table.num_embeddings)).detach()
+    assert 0.5 * std < rows.std().item() < 2 * std, (rows.std().item(), std)
+    for p in (table.query, table.values):
+        assert 0.8 * std < p.std().item() < 1.25 * std
+
+
 def test_untied_and_dense_heads(tmp_path):
     torch.manual_seed(0)
     model = tiny_model("gpt2").eval()
