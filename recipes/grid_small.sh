@@ -49,7 +49,9 @@ case "$task" in
           "dpq-vq-k64-d100:--method dpq --variant vq --num-codes 64 --num-groups 100 --epochs 1"
           "dense-untied:--method dense --output untied --epochs 1"
           "tt-r32-untied:--method tt --rank 32 --output untied --epochs 1"
-          "dpq-sx-k64-d100-untied:--method dpq --variant sx --num-codes 64 --num-groups 100 --output untied --epochs 1") ;;
+          "dpq-sx-k64-d100-untied:--method dpq --variant sx --num-codes 64 --num-groups 100 --output untied --epochs 1"
+          "dense-dense-softmax:--method dense --output dense --epochs 1"
+          "tt-r32-dense-softmax:--method tt --rank 32 --output dense --epochs 1") ;;
   transfo_xl_lm)
     # 250 steps of 16 x 35 PTB tokens (~15% of an epoch) a run
     grid=("dense:--method dense"
