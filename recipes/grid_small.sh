@@ -80,6 +80,16 @@ case "$task" in
           "dpq-sx-k32-d16-untied:--method dpq --variant sx --num-codes 32 --num-groups 16 --output untied") ;;
   nmt_fairseq)
     grid=("dense:--method dense" "tt-r16:--method tt --rank 16") ;;
+  bert_mlm)
+    # 1,200 steps of 32 x 64 tokens; then recipes.bert_sentiment --pretrained on the runs
+    grid=("dense:--method dense"
+          "tt-r8:--method tt --rank 8"
+          "tt-r16:--method tt --rank 16"
+          "tt-r32:--method tt --rank 32"
+          "dpq-sx-k32-d16:--method dpq --variant sx --num-codes 32 --num-groups 16"
+          "dpq-sx-k32-d32:--method dpq --variant sx --num-codes 32 --num-groups 32"
+          "dpq-vq-k32-d16:--method dpq --variant vq --num-codes 32 --num-groups 16"
+          "dpq-vq-k32-d32:--method dpq --variant vq --num-codes 32 --num-groups 32") ;;
   *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
 for entry in "${grid[@]}"; do
