@@ -51,7 +51,8 @@ case "$task" in
           "tt-r32-untied:--method tt --rank 32 --output untied --epochs 1"
           "dpq-sx-k64-d100-untied:--method dpq --variant sx --num-codes 64 --num-groups 100 --output untied --epochs 1"
           "dense-dense-softmax:--method dense --output dense --epochs 1"
-          "tt-r32-dense-softmax:--method tt --rank 32 --output dense --epochs 1") ;;
+          "tt-r32-dense-softmax:--method tt --rank 32 --output dense --epochs 1"
+          "dpq-sx-k32-d20-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 20 --output dense --epochs 1") ;;
   transfo_xl_lm)
     # 250 steps of 16 x 35 PTB tokens (~15% of an epoch) a run
     grid=("dense:--method dense"
