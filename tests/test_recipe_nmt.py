@@ -70,19 +70,6 @@ def make_bible_wheel(cache: Path) -> Path:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty package cache and a pip that cannot reach any index."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setenv("COMPEMB_DATA_CACHE", str(cache))
-    empty = tmp_path / "empty-index"
-    empty.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
-    return cache
-
-
-@pytest.fixture
 def bible(cache):
     make_bible_wheel(cache)
     return cache
