@@ -33,7 +33,7 @@ from accelerate import PartialState
 
 from .common.run import add_run_args, apply_run_args, base_result, preflight, write_results
 from .common.sentiment_data import DATASETS, load_sentiment, num_classes
-from .common.training import fit
+from .common.training import accuracy, fit
 from .sentiment import LengthBuckets, _limit
 
 SCALES: Dict[str, Dict] = {
@@ -116,17 +116,8 @@ def collate(items: List[tuple], pad_id: int) -> Dict[str, Tensor]:
             "labels": torch.tensor([label for _, label in items])}
 
 
-@torch.no_grad()
-def accuracy(model, loader: DataLoader, accelerator) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
-        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
-        correct += int((pred == labels).sum())
-        total += labels.numel()
-    model.train()
-    return correct / max(total, 1)
+def _logits(model, batch: Dict) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def finetune(spec: compemb.EmbeddingSpec, pretrained: Path, init: str, scale: Dict, tokenizer,
@@ -160,10 +151,10 @@ def finetune(spec: compemb.EmbeddingSpec, pretrained: Path, init: str, scale: Di
     start = time.time()
     history, best_epoch, step = fit(
         accelerator, model, optimizer, train_dl, lambda m, b: m(**b).loss,
-        lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator)}, "valid_accuracy",
+        lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator, _logits)}, "valid_accuracy",
         total_steps, scheduler=scheduler, clip_norm=1.0, progress=progress,
         desc=f"bert-sentiment {spec.method} ({init})", log_every=log_every)
-    test = accuracy(model, test_dl, accelerator)
+    test = accuracy(model, test_dl, accelerator, _logits)
     wall = time.time() - start
     model = accelerator.unwrap_model(model)
     pretraining = {}

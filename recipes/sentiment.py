@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
                          write_results)
-from .common.training import fit
+from .common.training import accuracy, fit
 from .common.sentiment_data import DATASETS, WordVocab, load_sentiment, num_classes, tokenize
 from .models.bilstm import BiLSTMClassifier
 
@@ -91,17 +91,8 @@ def encode_splits(data: Dict[str, List], scale: Dict) -> tuple:
     return vocab, encoded
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, loader: DataLoader, accelerator) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        pred = model(batch["ids"], batch["lengths"]).argmax(-1)
-        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
-        correct += int((pred == labels).sum())
-        total += labels.numel()
-    model.train()
-    return correct / max(total, 1)
+def _logits(model: torch.nn.Module, batch: Dict) -> Tensor:
+    return model(batch["ids"], batch["lengths"])
 
 
 def build_model(spec: compemb.EmbeddingSpec, vocab_size: int, classes: int, scale: Dict) -> BiLSTMClassifier:
@@ -139,10 +130,10 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
     history, best_epoch, step = fit(
         accelerator, model, optimizer, train_dl,
         lambda m, b: F.cross_entropy(m(b["ids"], b["lengths"]), b["labels"]),
-        lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator)}, "valid_accuracy",
+        lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator, _logits)}, "valid_accuracy",
         total_steps, scheduler=scheduler, clip_norm=5.0, progress=progress,
         desc=f"sentiment {spec.method}", log_every=log_every)
-    test = accuracy(model, test_dl, accelerator)
+    test = accuracy(model, test_dl, accelerator, _logits)
     wall = time.time() - start
     model = accelerator.unwrap_model(model)
     result = base_result(

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fit"]
+__all__ = ["fit", "accuracy"]
 
 
 def fit(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, train_dl,
@@ -57,3 +57,19 @@ def fit(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, train_d
     bar.close()
     accelerator.unwrap_model(model).load_state_dict(best_state)
     return history, best_epoch, step
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader, accelerator,
+             logits: Callable[[nn.Module, object], Tensor]) -> float:
+    """Share of ``loader``'s examples whose argmax of ``logits(model, batch)`` (``[B, C]``)
+    is ``batch["labels"]``, gathered over processes; the model is put back in training mode."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        pred = logits(model, batch).argmax(-1)
+        pred, labels = accelerator.gather_for_metrics((pred, batch["labels"]))
+        correct += int((pred == labels).sum())
+        total += labels.numel()
+    model.train()
+    return correct / max(total, 1)
