@@ -234,6 +234,21 @@ def test_logits_picks_the_cheaper_path():
 
 
 # ----------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("cls", [TTEmbedding, TREmbedding])
+def test_core_gradients_have_the_cores_strides(cls):
+    """DistributedDataParallel compares a gradient's strides with its parameter's literally
+    (also on size-1 dimensions, a TT's end ranks) and warns and copies when they differ."""
+    layer = cls(1000, 64, 4)
+    arriving = []  # what reaches the parameter (and DDP's hooks) before it is accumulated
+    for core in layer.cores:
+        core.register_hook(lambda grad, core=core: arriving.append((core.stride(), grad.stride())))
+    for loss in (layer(torch.randint(0, 1000, (50,))).sum(), layer.logits(torch.randn(3000, 64)).sum(),
+                 layer.logits(torch.randn(2, 64)).sum(), layer.materialize().sum()):
+        loss.backward()
+    assert len(arriving) == 4 * len(layer.cores)
+    assert all(param == grad for param, grad in arriving), arriving
+
+
 @pytest.mark.parametrize("cls", LAYERS)
 def test_padding_row_is_zero_and_gets_no_gradient(cls):
     layer = make(cls, 50, 8, 3, padding_idx=0)

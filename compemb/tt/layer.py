@@ -18,6 +18,28 @@ Rank = Union[int, Sequence[int]]
 ShapeArg = Optional[Tuple[Sequence[int], Sequence[int]]]
 
 
+class _StandardStrideGrad(torch.autograd.Function):
+    """Identity on a core; its gradient leaves with the core's own row-major strides.
+
+    The products reach the cores through permuted views, which leave arbitrary strides on
+    size-1 dimensions (a TT's end ranks); DistributedDataParallel compares strides
+    literally, warns "Grad strides do not match bucket view strides" and copies."""
+
+    @staticmethod
+    def forward(ctx, core: Tensor) -> Tensor:  # type: ignore[override]
+        return core.view_as(core)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        strides, step = [], 1
+        for size in reversed(grad.shape):
+            strides.insert(0, step)
+            step *= max(size, 1)
+        if grad.stride() == tuple(strides):
+            return grad
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Core products run in at least float32 (bf16/fp16 cores, or autocast, included)."""
     return torch.promote_types(dtype, torch.float32)
@@ -64,7 +86,7 @@ class TensorNetworkEmbedding(nn.Module):
     # ------------------------------------------------------------------ lookups
     def _cores(self) -> List[Tensor]:
         dtype = _compute_dtype(self.cores[0].dtype)
-        return [c.to(dtype) for c in self.cores]
+        return [_StandardStrideGrad.apply(c).to(dtype) for c in self.cores]
 
     def forward(self, input: Tensor) -> Tensor:
         """``input [...]`` (integer ids) -> ``[..., embedding_dim]``.
