@@ -320,7 +320,7 @@ def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, d
     result = base_result(
         "bert-mlm", dataset, scale_name, spec, model, report, "mlm_perplexity", test, False, wall,
         output=output, valid_perplexity=history[best_epoch - 1]["valid_perplexity"],
-        best_epoch=best_epoch, steps=step, tokens_seen=step * scale["batch"] * scale["seq"],
+        best_epoch=best_epoch, steps=step, tokens_seen=step * scale["batch"] * scale["seq"] * accelerator.num_processes,
         history=history, vocab_size=len(tokenizer), embedding_dim=scale["hidden"],
         hyperparameters=scale)
     result["model"] = model

@@ -65,7 +65,10 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
     model = LSTMLanguageModel(len(vocab), scale["dim"], scale["hidden"], scale["layers"], spec,
                               output=output, dropout=scale["dropout"])
     report = compemb.compression_report(model)
-    train_data = batchify(vocab.encode(text["train"]), scale["batch"])
+    # data parallel: each process trains on its own scale["batch"] of the batch * processes
+    # streams (one process: all of them), so an epoch takes 1/processes of the steps
+    streams = batchify(vocab.encode(text["train"]), scale["batch"] * accelerator.num_processes)
+    train_data = streams[accelerator.process_index::accelerator.num_processes]
     bptt = scale["bptt"]
     steps_per_epoch = (train_data.size(1) - 1) // bptt
     total_steps = max_steps or max(1, int(scale["epochs"] * steps_per_epoch))
@@ -102,7 +105,8 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
     test = perplexity(model, batchify(vocab.encode(text["test"]), 10), bptt)
     result = base_result("ptb-lm-lstm", "ptb", "-", spec, model, report, "test_ppl", test,
                          higher_is_better=False, wall_time_s=train_time, valid_ppl=valid,
-                         output=output, steps=total_steps)
+                         output=output, steps=total_steps,
+                         train_tokens=total_steps * scale["batch"] * bptt * accelerator.num_processes)
     result.update(model=model, report_obj=report)
     return result
 

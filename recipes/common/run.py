@@ -20,7 +20,7 @@ import compemb
 from .packages import DataUnavailable
 
 __all__ = ["METHOD_FLAGS", "add_method_args", "spec_from_args", "check_output_dir",
-           "hardware", "write_results", "model_bytes", "base_result"]
+           "hardware", "num_processes", "write_results", "model_bytes", "base_result"]
 
 
 
@@ -124,12 +124,21 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def num_processes() -> int:
+    """The training processes (``accelerate launch --num_processes``; 1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def hardware() -> str:
-    """One line: CPU (and GPU) and the number of torch threads."""
+    """One line: CPU (and GPU), the number of torch threads and of processes."""
     cpu = platform.processor() or platform.machine()
     line = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     if torch.cuda.is_available():
         line += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    if num_processes() > 1:
+        line += f", {num_processes()} processes"
     return line
 
 
@@ -185,7 +194,8 @@ def base_result(task: str, dataset: str, scale: str, spec: compemb.EmbeddingSpec
         "model_stored_bytes": report.model_stored_bytes,
         "report": report.to_dict(),
         "metric": metric, "value": value, "higher_is_better": higher_is_better,
-        "wall_time_s": wall_time_s, "hardware": hardware(), "torch": torch.__version__,
+        "wall_time_s": wall_time_s, "hardware": hardware(), "processes": num_processes(),
+        "torch": torch.__version__,
         **extra,
     }
 
