@@ -25,10 +25,11 @@ def _ids(V=40, shape=(5, 9), seed=1):
     return torch.randint(V, shape, generator=g)
 
 
-def _reference(layer, idx, target):
+def _reference(layer, idx, target, stats=None):
     """The method written out plainly, token by token (no de-duplication): scores, batch
-    normalisation over the tokens, argmax, straight-through output, the VQ codebook loss
-    added to the task loss. Returns (output, total loss)."""
+    normalisation over the tokens (or by ``stats = (mean, var)``, constants), argmax,
+    straight-through output, the VQ codebook loss added to the task loss. Returns
+    (output, total loss)."""
     D, K = layer.num_groups, layer.num_codes
     keep = (idx != layer.padding_idx) if layer.padding_idx is not None else torch.ones_like(idx, dtype=torch.bool)
     flat, keepf = idx.reshape(-1), keep.reshape(-1)
@@ -40,9 +41,11 @@ def _reference(layer, idx, target):
     else:
         scores = -((q.unsqueeze(2) - keys.unsqueeze(0)) ** 2).sum(-1)
     if layer.running_mean is not None:
-        sel = scores[keepf]
-        mean = sel.mean(0)
-        var = sel.var(0, unbiased=False)
+        if stats is None:
+            sel = scores[keepf]
+            mean, var = sel.mean(0), sel.var(0, unbiased=False)
+        else:
+            mean, var = (t.detach().clone() for t in stats)
         scores = (scores - mean) / torch.sqrt(var + layer.eps)
     codes = scores.argmax(-1)  # [N, D]
     onehot = F.one_hot(codes, K).to(scores.dtype)
@@ -91,6 +94,41 @@ def test_training_forward_and_gradients_match_the_method(variant, shared, paddin
     if padding is not None:
         assert layer.query.grad[padding].abs().sum() == 0
         assert (out[idx == padding] == 0).all()
+
+
+@pytest.mark.parametrize("variant,shared", VARIANTS)
+@pytest.mark.parametrize("padding", [None, 3])
+def test_training_logits_train_the_codes_as_eval_scores_them(variant, shared, padding):
+    """A softmax in training (tied or untied; ``logits`` or ``materialize``, as an adaptive
+    softmax uses): the table is the layer's training output
+    for every symbol with the codes eval uses (running statistics, left unchanged), and
+    the gradient reaches the queries and keys, not only the values."""
+    layer = _layer(variant, shared, padding_idx=padding, commitment=0.25 if variant == "vq" else 0.0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(3):  # running statistics away from their start
+        opt.zero_grad()
+        layer(_ids(seed=10 + step)).pow(2).mean().backward()
+        opt.step()
+    opt.zero_grad()
+    stats = (layer.running_mean.clone(), layer.running_var.clone())
+    hidden = torch.randn(7, layer.embedding_dim, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(7, layer.num_embeddings, generator=torch.Generator().manual_seed(6))
+    ids = torch.arange(layer.num_embeddings)
+    ref_table, ref_loss = _reference(layer, ids, grad.t() @ hidden, stats=stats)
+    ref_grads = torch.autograd.grad(ref_loss, list(layer.parameters()))
+    torch.testing.assert_close(layer.materialize(), ref_table, rtol=1e-6, atol=1e-6)  # the same table
+    logits = layer.logits(hidden)
+    assert torch.equal(layer.running_mean, stats[0]) and torch.equal(layer.running_var, stats[1])
+    torch.testing.assert_close(logits, hidden @ ref_table.t(), rtol=1e-5, atol=1e-5)
+    (logits * grad).sum().backward()
+    for (name, p), g in zip(layer.named_parameters(), ref_grads):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5, msg=name)
+    if padding is not None:
+        assert (logits[:, padding] == 0).all() and layer.query.grad[padding].abs().sum() == 0
+    layer.eval()  # eval scores with the same codes: the same logits, by per-group products
+    with torch.no_grad():
+        torch.testing.assert_close(layer.logits(hidden), logits.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant,shared", [("sx", False), ("sx", True), ("vq", False)])

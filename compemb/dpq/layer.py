@@ -154,21 +154,26 @@ class DPQEmbedding(nn.Module):
         table = self.values.reshape(-1, self.values.shape[-1])
         return F.embedding(codebook_index(codes, self.num_codes, self.shared_subspace), table)
 
-    def _rows(self, ids: Tensor, weights: Tensor, training: bool) -> Tensor:
+    def _rows(self, ids: Tensor, weights: Tensor, training: bool,
+              batch_stats: Optional[bool] = None) -> Tensor:
         """Output rows ``[U, d]`` for symbols ``ids [U]`` standing for ``weights [U]``
-        tokens each."""
+        tokens each. ``training``: straight-through gradients (and the VQ codebook loss);
+        ``batch_stats`` (default: ``training``): distance normalisation by this batch's
+        statistics, updating the running ones, instead of by the running ones."""
+        batch_stats = training if batch_stats is None else batch_stats
         sub = self.embedding_dim // self.num_groups
         q = self.query[ids].view(ids.shape[0], self.num_groups, sub)  # [U, D, s]
         with torch.autocast(ids.device.type, enabled=False):
             qg = q.float().transpose(0, 1)  # [D, U, s]
             if training and self.variant == "sx" and torch.is_grad_enabled():
                 codes, zero = _SXStraightThrough.apply(
-                    qg, self.keys.float(), self.values.detach().float(), weights, self)
+                    qg, self.keys.float(), self.values.detach().float(), weights, self,
+                    batch_stats)
                 hard = self._gather(codes.t())  # [U, D, s], exactly the codebook rows
                 # value: hard (+0); gradient to query and keys: that of softmax(y/tau) @ V
                 out = hard + zero.transpose(0, 1).to(hard.dtype)
             else:
-                hard = self._gather(self._codes_of(qg.detach(), weights, training).t())
+                hard = self._gather(self._codes_of(qg.detach(), weights, batch_stats).t())
                 out = hard
                 if training and self.variant == "vq":
                     count = weights.detach().sum()
@@ -227,17 +232,45 @@ class DPQEmbedding(nn.Module):
                                  padding_idx=self.padding_idx)
 
     def materialize(self) -> Tensor:
-        """The ``[V, d]`` table the eval forward reads from (rows of the codebooks)."""
+        """The ``[V, d]`` table the eval forward reads from (rows of the codebooks).
+
+        In training with autograd on (the table of a softmax being trained, e.g. by
+        :meth:`logits` or an adaptive softmax) the same rows come from the training path:
+        the codes are those of eval (distance normalisation by the running statistics,
+        which this leaves as they are), and the gradient reaches the queries and keys as
+        in :meth:`forward` (SX straight-through; VQ: straight-through to the queries and
+        the codebook loss over the ``V`` rows to the values), not only the values."""
         ids = torch.arange(self.num_embeddings, device=self.query.device)
+        if self.training and torch.is_grad_enabled():
+            weights = torch.ones(self.num_embeddings, device=ids.device)
+            if self.padding_idx is not None:
+                weights[self.padding_idx] = 0
+            table = self._rows(ids, weights, training=True, batch_stats=False)
+            if self.padding_idx is not None:
+                table = table * weights.unsqueeze(1).to(table.dtype)
+            return table
         out = self._gather(self.codes()).reshape(self.num_embeddings, self.embedding_dim)
         if self.padding_idx is not None:
             out = out * (ids != self.padding_idx).unsqueeze(1).to(out.dtype)
         return out
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """``hidden [..., d] -> [..., V]`` against the eval table, by per-group products
-        (see :meth:`CodebookEmbedding.logits`); gradients reach ``hidden`` and ``values``."""
-        return table_logits(hidden, self.values, self.codes(), self.padding_idx)
+        """``hidden [..., d] -> [..., V]``: scores against every symbol's row.
+
+        In training with autograd on: ``hidden @ materialize().T``, one GEMM with the
+        training-path table (see :meth:`materialize`: the gradient reaches the queries and
+        keys too). Otherwise (eval, ``torch.no_grad``): per-group products gathered by
+        code (see :meth:`CodebookEmbedding.logits`), never building ``V x d``. Both in
+        float32 at least (also under autocast), with the same values."""
+        if not (self.training and torch.is_grad_enabled()):
+            return table_logits(hidden, self.values, self.codes(), self.padding_idx)
+        if hidden.shape[-1] != self.embedding_dim:
+            raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
+                             f"embedding_dim={self.embedding_dim}")
+        table = self.materialize()
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, table.dtype), torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.to(dtype), table.to(dtype))
 
     def storage(self) -> LayerStorage:
         """What the exported inference form stores (codes at ``ceil(log2(Kc))`` bits,
@@ -366,16 +399,22 @@ class _SXStraightThrough(torch.autograd.Function):
     ``grad q = gx @ keys``, ``grad keys = gx^T @ q``."""
 
     @staticmethod
-    def forward(ctx, q, keys, values, weights, layer):
-        sync = _synced()
+    def forward(ctx, q, keys, values, weights, layer, batch_stats=True):
         norm = layer.running_mean is not None
+        fixed = norm and not batch_stats  # normalise by the running statistics, as eval does
+        sync = _synced() and not fixed
         num_groups, rows = q.shape[0], q.shape[1]
         codes = q.new_empty(num_groups, rows, dtype=torch.long)
         means, rstds, variances = [], [], []
         count = weights.sum()
+        if fixed:
+            means = [layer.running_mean.float()]
+            rstds = [torch.rsqrt(layer.running_var.float() + layer.eps)]
         for c in _group_chunks(num_groups, rows, keys.shape[1], sync, q.device):
             x = torch.matmul(q[c], _books(keys, c).transpose(1, 2))  # [Dc, U, Kc]
-            if norm:
+            if fixed:
+                x.sub_(means[0][c].unsqueeze(1)).mul_(rstds[0][c].unsqueeze(1))
+            elif norm:
                 mean, var, count = batch_moments(x, weights, sync)
                 rstd = torch.rsqrt(var + layer.eps)
                 x.sub_(mean.unsqueeze(1)).mul_(rstd.unsqueeze(1))
@@ -383,12 +422,13 @@ class _SXStraightThrough(torch.autograd.Function):
             codes[c] = x.argmax(-1)
         if norm:
             mean, rstd = torch.cat(means), torch.cat(rstds)
-            update_running_stats(layer.running_mean, layer.running_var, mean,
-                                 torch.cat(variances), count, layer.momentum)
+            if not fixed:
+                update_running_stats(layer.running_mean, layer.running_var, mean,
+                                     torch.cat(variances), count, layer.momentum)
         else:
             mean = rstd = q.new_zeros(0)
         ctx.save_for_backward(q, keys, values, weights, mean, rstd, count)
-        ctx.tau, ctx.sync, ctx.norm = layer.config.temperature, sync, norm
+        ctx.tau, ctx.sync, ctx.norm, ctx.fixed = layer.config.temperature, sync, norm, fixed
         ctx.mark_non_differentiable(codes)
         return codes, q.new_zeros(num_groups, rows, values.shape[2])
 
@@ -409,7 +449,9 @@ class _SXStraightThrough(torch.autograd.Function):
             gy = g.sub_((p * g).sum(-1, keepdim=True)).mul_(p)
             if ctx.tau != 1:
                 gy.mul_(1.0 / ctx.tau)
-            if ctx.norm:
+            if ctx.fixed:  # constant statistics: only the scale
+                gx = gy.mul_(rstd[c].unsqueeze(1))
+            elif ctx.norm:
                 sums = torch.stack([gy.sum(1), (gy * y).sum(1)])  # [2, Dc, Kc]
                 if ctx.sync:
                     all_reduce_(sums)
@@ -423,7 +465,7 @@ class _SXStraightThrough(torch.autograd.Function):
                 grad_keys += gk.sum(0, keepdim=True)
             else:
                 grad_keys[c] = gk
-        return grad_q, grad_keys, None, None, None
+        return grad_q, grad_keys, None, None, None, None
 
 
 def _books(books: Tensor, groups: slice) -> Tensor:
