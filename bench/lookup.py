@@ -370,13 +370,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-tr", action="store_true", help="leave out the TR layer")
     parser.add_argument("--only", default="", help="run only groups containing this text")
+    parser.add_argument("--logits-batch", type=int, default=None,
+                        help="hidden vectors per .logits step at every configuration (default: "
+                             "2048 at 25000 x 256, 1024 at 32768 x 1024; the lookups use 4096)")
     args = parser.parse_args(argv)
+    if args.logits_batch is not None and args.logits_batch < 1:
+        parser.error(f"argument --logits-batch: must be >= 1, got {args.logits_batch}")
     DEVICE = torch.device(args.device)
     peaks: Dict[Tuple[str, str], Optional[float]] = {}  # measured once, in the first pass
     for threads in [int(t) for t in args.threads.split(",")]:
         cases: List[Case] = []
         for source in CASE_SOURCES:
-            cases += source(tr=not args.no_tr) if source is lookup_cases else source()
+            if source is lookup_cases:
+                cases += source(tr=not args.no_tr)
+            elif source is logits_cases and args.logits_batch is not None:
+                cases += source(batches={name: args.logits_batch for name, *_ in CONFIGS})
+            else:
+                cases += source()
         if args.only:
             cases = [c for c in cases if args.only in c.group]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
