@@ -53,7 +53,10 @@ case "$task" in
           "dense-dense-softmax:--method dense --output dense --epochs 1"
           "tt-r32-dense-softmax:--method tt --rank 32 --output dense --epochs 1"
           "dpq-sx-k32-d20-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 20 --output dense --epochs 1"
-          "dpq-sx-k64-d100-dense-softmax:--method dpq --variant sx --num-codes 64 --num-groups 100 --output dense --epochs 1") ;;
+          "dpq-sx-k64-d100-dense-softmax:--method dpq --variant sx --num-codes 64 --num-groups 100 --output dense --epochs 1"
+          "dpq-vq-k64-d100-dense-softmax:--method dpq --variant vq --num-codes 64 --num-groups 100 --output dense --epochs 1"
+          "dpq-vq-k64-d50:--method dpq --variant vq --num-codes 64 --num-groups 50 --epochs 1"
+          "dpq-vq-k128-d50:--method dpq --variant vq --num-codes 128 --num-groups 50 --epochs 1") ;;
   transfo_xl_lm)
     # 250 steps of 16 x 35 PTB tokens (~15% of an epoch) a run
     grid=("dense:--method dense"
@@ -68,7 +71,9 @@ case "$task" in
           "tt-r32-untied:--method tt --rank 32 --output untied"
           "dpq-sx-k32-d128-untied:--method dpq --variant sx --num-codes 32 --num-groups 128 --output untied"
           "tt-r32-dense-softmax:--method tt --rank 32 --output dense"
-          "dpq-sx-k32-d128-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense") ;;
+          "dpq-sx-k32-d128-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense"
+          "dense-untied-s1:--method dense --output untied --seed 1"
+          "dpq-sx-k32-d128-dense-softmax-s1:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense --seed 1") ;;
   nmt)
     # 600 steps of 32 verse pairs (d 128, 2+2 layers); the fairseq route: recipes.nmt_fairseq
     grid=("dense:--method dense"
@@ -96,7 +101,9 @@ case "$task" in
           "dpq-vq-k32-d32:--method dpq --variant vq --num-codes 32 --num-groups 32"
           "dense-untied:--method dense --output untied"
           "tt-r32-dense-softmax:--method tt --rank 32 --output dense"
-          "dpq-sx-k32-d32-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 32 --output dense") ;;
+          "dpq-sx-k32-d32-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 32 --output dense"
+          "tt-r32-untied:--method tt --rank 32 --output untied"
+          "dpq-sx-k32-d32-untied:--method dpq --variant sx --num-codes 32 --num-groups 32 --output untied") ;;
   *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
 for entry in "${grid[@]}"; do
