@@ -129,7 +129,7 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List], *, cl
     start = time.time()
     history, best_epoch, step = fit(
         accelerator, model, optimizer, train_dl,
-        lambda m, b: F.cross_entropy(m(b["ids"], b["lengths"]), b["labels"]),
+        lambda m, b: F.cross_entropy(_logits(m, b), b["labels"]),
         lambda: {"valid_accuracy": accuracy(model, valid_dl, accelerator, _logits)}, "valid_accuracy",
         total_steps, scheduler=scheduler, clip_norm=5.0, progress=progress,
         desc=f"sentiment {spec.method}", log_every=log_every)

@@ -16,7 +16,7 @@ import compemb
 from recipes import lstm_lm, sentiment
 from recipes.common.ptb import Vocab, load_ptb_text
 from recipes.models.lstm_lm import LSTMLanguageModel
-from tests.test_recipes import make_rt_archive
+from test_recipes import make_rt_archive  # as test_recipe_bert does
 
 ROOT = Path(__file__).resolve().parents[1]
 

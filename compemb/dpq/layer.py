@@ -241,18 +241,13 @@ class DPQEmbedding(nn.Module):
         in :meth:`forward` (SX straight-through; VQ: straight-through to the queries and
         the codebook loss over the ``V`` rows to the values), not only the values."""
         ids = torch.arange(self.num_embeddings, device=self.query.device)
+        keep = (ids != self.padding_idx) if self.padding_idx is not None else None
         if self.training and torch.is_grad_enabled():
-            weights = torch.ones(self.num_embeddings, device=ids.device)
-            if self.padding_idx is not None:
-                weights[self.padding_idx] = 0
-            table = self._rows(ids, weights, training=True, batch_stats=False)
-            if self.padding_idx is not None:
-                table = table * weights.unsqueeze(1).to(table.dtype)
-            return table
-        out = self._gather(self.codes()).reshape(self.num_embeddings, self.embedding_dim)
-        if self.padding_idx is not None:
-            out = out * (ids != self.padding_idx).unsqueeze(1).to(out.dtype)
-        return out
+            weights = keep.float() if keep is not None else torch.ones(ids.shape, device=ids.device)
+            out = self._rows(ids, weights, training=True, batch_stats=False)
+        else:
+            out = self._gather(self.codes()).reshape(self.num_embeddings, self.embedding_dim)
+        return out if keep is None else out * keep.unsqueeze(1).to(out.dtype)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., d] -> [..., V]``: scores against every symbol's row.
