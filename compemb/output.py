@@ -6,14 +6,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OutputLayer", "embedding_logits"]
+__all__ = ["OutputLayer", "embedding_logits", "forward_method"]
+
+
+def forward_method(module: nn.Module, name: str):
+    """``module.<name>`` (e.g. ``logits``, ``materialize``), made safe to call outside
+    ``module.forward`` when ``module`` is an FSDP2 unit of its own (``fully_shard(module)``,
+    as a size-based wrap policy does to a large table).
+
+    FSDP2 gathers a unit's parameters only around its ``forward``; a tied softmax calls the
+    input table's ``logits`` from another module, where the parameters would still be
+    shards. The method is registered once with
+    ``torch.distributed.fsdp.register_fsdp_forward_method``, so that FSDP gathers the
+    parameters before it and reduce-scatters their gradients after the backward, as for
+    ``forward``. Anything else (no FSDP, or the table inside a larger unit, whose forward
+    is running) gets the method unchanged.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:  # a torch build without distributed
+        return getattr(module, name)
+    if isinstance(module, FSDPModule) and name not in vars(module):
+        register_fsdp_forward_method(module, name)
+    return getattr(module, name)
 
 
 def embedding_logits(embedding: nn.Module, hidden: Tensor) -> Tensor:
     """``hidden [..., J] @ table.T -> [..., V]`` for a compemb layer (its own ``logits``,
     which avoids building the table where that is cheaper) or a plain ``nn.Embedding``."""
     if hasattr(embedding, "logits"):
-        return embedding.logits(hidden)
+        return forward_method(embedding, "logits")(hidden)
     if isinstance(embedding, nn.Embedding):
         return F.linear(hidden, embedding.weight)
     raise TypeError(

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compemb.output import forward_method
+
 __all__ = [
     "cluster_bounds", "cluster_dims", "check_cutoffs", "AdaptiveEmbedding",
     "ProjectedAdaptiveLogSoftmax", "output_weight",
@@ -135,7 +137,7 @@ def output_weight(layer: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
     if table is None or not hasattr(table, "materialize"):
         raise TypeError(f"a softmax layer must be nn.Linear or compemb.OutputLayer, got "
                         f"{type(layer).__name__}")
-    weight = table.weight if isinstance(table, nn.Embedding) else table.materialize()
+    weight = table.weight if isinstance(table, nn.Embedding) else forward_method(table, "materialize")()
     return weight, layer.bias
 
 
