@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["collect", "label", "render", "plot_group", "main"]
 
-Group = Tuple[str, str, str]  # task, dataset, scale
+Group = Tuple[str, str, str, int]  # task, dataset, scale, steps (0: one budget in the group)
 TARGETS = {"default": 10.0, "sentiment": 100.0}  # ratio needed within 1% of dense
 TOLERANCE = 0.01
 FAMILIES = {"tt": "TT", "tr": "TT", "dpq": "DPQ"}
@@ -75,7 +75,36 @@ def label(r: Dict) -> str:
 
 
 def _group_key(r: Dict) -> Group:
-    return (str(r["task"]), str(r.get("dataset", "-")), str(r.get("scale", "-")))
+    return (str(r["task"]), str(r.get("dataset", "-")), str(r.get("scale", "-")), 0)
+
+
+def group_runs(results: List[Dict]) -> Dict[Group, List[Dict]]:
+    """Runs by task, dataset and scale; where those runs trained for different numbers of
+    steps (``steps`` in results.json), one group per budget, so that a run is only
+    compared with the dense runs of its own budget."""
+    groups: Dict[Group, List[Dict]] = defaultdict(list)
+    for r in results:
+        groups[_group_key(r)].append(r)
+    for key, rows in list(groups.items()):
+        budgets = {r.get("steps") for r in rows}
+        if len(budgets) > 1:
+            del groups[key]
+            for r in rows:
+                steps = r.get("steps")
+                groups[key[:3] + (int(steps) if isinstance(steps, (int, float)) else -1,)].append(r)
+    return groups
+
+
+def _group_title(key: Group) -> str:
+    task, dataset, scale, steps = key
+    budget = "" if steps == 0 else (", steps unknown" if steps < 0 else f", {steps} steps")
+    return f"{task}: {dataset} ({scale} scale{budget})"
+
+
+def _group_file(key: Group) -> str:
+    task, dataset, scale, steps = key
+    budget = "" if steps == 0 else f"-{steps if steps > 0 else 'unknown'}steps"
+    return f"{task}-{dataset}-{scale}{budget}.png".replace("/", "_")
 
 
 def _baseline(rows: List[Dict], output: Optional[str] = None) -> Optional[float]:
@@ -185,7 +214,6 @@ def plot_group(key: Group, rows: List[Dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    task, dataset, scale = key
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     markers = {"tt": "o", "tr": "D", "dpq": "s"}
     by_method: Dict[str, List[Dict]] = defaultdict(list)
@@ -214,7 +242,7 @@ def plot_group(key: Group, rows: List[Dict], path: Path) -> Path:
     ax.set_xlabel("embedding compression ratio (dense bytes / stored bytes)")
     metric = rows[0].get("metric", "metric")
     ax.set_ylabel(metric + ("" if _higher_is_better(rows[0]) else " (lower is better)"))
-    ax.set_title(f"{task}: {dataset} ({scale} scale)")
+    ax.set_title(_group_title(key))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -228,9 +256,7 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
            notes: str = "", command: str = "") -> str:
     """The Markdown page; writes one PNG per task group into ``plots_dir`` when given
     (linked relative to ``page``'s folder)."""
-    groups: Dict[Group, List[Dict]] = defaultdict(list)
-    for r in results:
-        groups[_group_key(r)].append(r)
+    groups = group_runs(results)
     out = ["# Results", "",
            "Measured with this repository's recipes; every number below comes from a "
            "`results.json` written by a run (nothing is copied from the papers).",
@@ -239,10 +265,10 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
         out += [notes.strip(), ""]
     for key in sorted(groups):
         rows = sorted(groups[key], key=lambda r: (r["method"] != "dense", r.get("embedding_ratio", 1.0), label(r)))
-        task, dataset, scale = key
+        task, dataset = key[:2]
         higher = _higher_is_better(rows[0])
         metric = rows[0].get("metric", "metric")
-        out += [f"## {task}: {dataset} ({scale} scale)", ""]
+        out += [f"## {_group_title(key)}", ""]
         hw = sorted({r.get("hardware", "?") for r in rows})
         out += [f"Metric: `{metric}` ({'higher' if higher else 'lower'} is better). "
                 f"Hardware: {'; '.join(hw)}.", ""]
@@ -275,7 +301,7 @@ def render(results: List[Dict], plots_dir: Optional[Path] = None, page: Optional
                 f"(relative) of dense (a setting run with several seeds counts with its mean):", ""]
         out += target_lines(task, rows) + [""]
         if plots_dir is not None:
-            png = plot_group(key, rows, Path(plots_dir) / f"{task}-{dataset}-{scale}.png".replace("/", "_"))
+            png = plot_group(key, rows, Path(plots_dir) / _group_file(key))
             link = os.path.relpath(png, Path(page).parent if page else Path.cwd())
             out += [f"![{task} {dataset}]({Path(link).as_posix()})", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -409,3 +409,26 @@ def test_report_compares_a_language_model_with_the_dense_run_of_the_same_softmax
     # a compressed input with a dense softmax has no dense counterpart of its own here:
     # it is compared with the dense untied run (the same two dense tables), not the mean
     assert "| 126.0000 | -5.00% |" in text
+
+
+def test_report_splits_a_task_by_training_budget(tmp_path):
+    """Runs of one task trained for different numbers of steps get a table (and a plot)
+    each, compared with the dense runs of their own budget."""
+    runs = tmp_path / "runs"
+    for name, method, steps, value in (("dense", "dense", 250, 100.0), ("tt", "tt", 250, 150.0),
+                                       ("dense-long", "dense", 1000, 80.0), ("tt-long", "tt", 1000, 80.5)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps(
+            {"task": "lm-transfo-xl", "dataset": "ptb", "scale": "small", "method": method,
+             "steps": steps, "settings": {"method": method, "rank": 4}, "embedding_ratio": 20.0,
+             "metric": "test_ppl", "value": value, "higher_is_better": False}))
+    page, plots = tmp_path / "RESULTS.md", tmp_path / "plots"
+    report.main([str(runs), "--out", str(page), "--plots", str(plots)])
+    text = page.read_text()
+    head = "## lm-transfo-xl: ptb (small scale, "
+    assert text.count(head) == 2 and text.index(head + "250 steps)") < text.index(head + "1000 steps)")
+    short, long = text.split(head + "250 steps)")[1].split(head + "1000 steps)")
+    assert "| 150.0000 | -50.00% |" in short and "| 80.5000 | -0.62% |" in long
+    assert "- TT: **met**" in long and "- TT: **missed**" in short
+    assert (plots / "lm-transfo-xl-ptb-small-250steps.png").is_file()
+    assert (plots / "lm-transfo-xl-ptb-small-1000steps.png").is_file()
