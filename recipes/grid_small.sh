@@ -56,9 +56,13 @@ case "$task" in
           "dpq-sx-k64-d100-dense-softmax:--method dpq --variant sx --num-codes 64 --num-groups 100 --output dense --epochs 1"
           "dpq-vq-k64-d100-dense-softmax:--method dpq --variant vq --num-codes 64 --num-groups 100 --output dense --epochs 1"
           "dpq-vq-k64-d50:--method dpq --variant vq --num-codes 64 --num-groups 50 --epochs 1"
-          "dpq-vq-k128-d50:--method dpq --variant vq --num-codes 128 --num-groups 50 --epochs 1") ;;
+          "dpq-vq-k128-d50:--method dpq --variant vq --num-codes 128 --num-groups 50 --epochs 1"
+          "dpq-vq-k32-d100:--method dpq --variant vq --num-codes 32 --num-groups 100 --epochs 1"
+          "dense-s1:--method dense --epochs 1 --seed 1"
+          "dpq-vq-k32-d100-s1:--method dpq --variant vq --num-codes 32 --num-groups 100 --epochs 1 --seed 1") ;;
   transfo_xl_lm)
-    # 250 steps of 16 x 35 PTB tokens (~15% of an epoch) a run
+    # 250 steps of 16 x 35 PTB tokens (~15% of an epoch) a run; the "-1000" runs take 1,000
+    # steps (a table of their own in RESULTS.md)
     grid=("dense:--method dense"
           "tt-r8:--method tt --rank 8"
           "tt-r16:--method tt --rank 16"
@@ -73,9 +77,18 @@ case "$task" in
           "tt-r32-dense-softmax:--method tt --rank 32 --output dense"
           "dpq-sx-k32-d128-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense"
           "dense-untied-s1:--method dense --output untied --seed 1"
-          "dpq-sx-k32-d128-dense-softmax-s1:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense --seed 1") ;;
+          "dpq-sx-k32-d128-dense-softmax-s1:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense --seed 1"
+          "dpq-vq-k32-d128-dense-softmax:--method dpq --variant vq --num-codes 32 --num-groups 128 --output dense"
+          "dpq-vq-k32-d128-untied:--method dpq --variant vq --num-codes 32 --num-groups 128 --output untied"
+          "dpq-vq-k8-d256-dense-softmax:--method dpq --variant vq --num-codes 8 --num-groups 256 --output dense"
+          "dpq-sx-k8-d256-dense-softmax:--method dpq --variant sx --num-codes 8 --num-groups 256 --output dense"
+          "dense-untied-1000:--method dense --output untied --max-steps 1000"
+          "tt-r32-dense-softmax-1000:--method tt --rank 32 --output dense --max-steps 1000"
+          "dpq-sx-k32-d128-dense-softmax-1000:--method dpq --variant sx --num-codes 32 --num-groups 128 --output dense --max-steps 1000"
+          "dpq-vq-k32-d128-dense-softmax-1000:--method dpq --variant vq --num-codes 32 --num-groups 128 --output dense --max-steps 1000") ;;
   nmt)
-    # 600 steps of 32 verse pairs (d 128, 2+2 layers); the fairseq route: recipes.nmt_fairseq
+    # 600 steps of 32 verse pairs (d 128, 2+2 layers); the "-3000" runs take 3,000 steps (a
+    # table of their own in RESULTS.md); the fairseq route: recipes.nmt_fairseq
     grid=("dense:--method dense"
           "tt-r8:--method tt --rank 8"
           "tt-r16:--method tt --rank 16"
@@ -86,7 +99,11 @@ case "$task" in
           "dpq-vq-k32-d16:--method dpq --variant vq --num-codes 32 --num-groups 16"
           "dense-untied:--method dense --output untied"
           "tt-r16-untied:--method tt --rank 16 --output untied"
-          "dpq-sx-k32-d16-untied:--method dpq --variant sx --num-codes 32 --num-groups 16 --output untied") ;;
+          "dpq-sx-k32-d16-untied:--method dpq --variant sx --num-codes 32 --num-groups 16 --output untied"
+          "dense-3000:--method dense --max-steps 3000"
+          "tt-r16-3000:--method tt --rank 16 --max-steps 3000"
+          "dpq-vq-k64-d32-3000:--method dpq --variant vq --num-codes 64 --num-groups 32 --max-steps 3000"
+          "dpq-sx-k64-d32-3000:--method dpq --variant sx --num-codes 64 --num-groups 32 --max-steps 3000") ;;
   nmt_fairseq)
     grid=("dense:--method dense" "tt-r16:--method tt --rank 16") ;;
   bert_mlm)
@@ -103,7 +120,10 @@ case "$task" in
           "tt-r32-dense-softmax:--method tt --rank 32 --output dense"
           "dpq-sx-k32-d32-dense-softmax:--method dpq --variant sx --num-codes 32 --num-groups 32 --output dense"
           "tt-r32-untied:--method tt --rank 32 --output untied"
-          "dpq-sx-k32-d32-untied:--method dpq --variant sx --num-codes 32 --num-groups 32 --output untied") ;;
+          "dpq-sx-k32-d32-untied:--method dpq --variant sx --num-codes 32 --num-groups 32 --output untied"
+          "dense-s1:--method dense --seed 1"
+          "tt-r32-s1:--method tt --rank 32 --seed 1"
+          "dpq-sx-k32-d16-s1:--method dpq --variant sx --num-codes 32 --num-groups 16 --seed 1") ;;
   *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
 for entry in "${grid[@]}"; do
