@@ -448,6 +448,28 @@ def _loss_drops(make_model, steps=30, seeds=(0, 1, 2), factor=0.6):
     assert max(ratios) < 1 and sum(ratios) / len(ratios) < factor, ratios
 
 
+@pytest.mark.parametrize("method", ["tt", "tr"])
+def test_fresh_tt_and_tr_tables_keep_their_own_init(method):
+    """The model's weight init leaves the cores of a TT / TR table alone (their layer's
+    Glorot init, paper eq. (2)); before, it drew them at proj_init_std like the adaptive
+    projections, which made a 10000 x 256 TT table 400 times too small at the start."""
+    torch.manual_seed(0)
+    vocab, dim = 2000, 64
+    model = TransfoXLLMHeadModel(tiny_config(vocab_size=vocab, cutoffs=[], div_val=1, d_model=dim, d_embed=dim,
+                                             compressed_embedding={"method": method, "rank": 8,
+                                                                   "output": "untied"}))
+    glorot = (2.0 / (vocab + dim)) ** 0.5
+    for table in (model.transformer.word_emb.emb_layers[0], model.crit.out_layers[0].table):
+        with torch.no_grad():
+            assert 0.7 * glorot < float(table.materialize().std()) < 1.4 * glorot
+    # the projections (ParameterLists too) are still drawn at proj_init_std
+    adaptive = TransfoXLLMHeadModel(tiny_config(compressed_embedding={"method": method, "rank": 2}))
+    projs = [p for n, p in adaptive.named_parameters() if "_projs." in n]
+    assert projs and all(torch.isfinite(p).all() for p in projs)
+    std = float(torch.cat([p.detach().flatten() for p in projs]).std())
+    assert 0.7 * adaptive.config.proj_init_std < std < 1.3 * adaptive.config.proj_init_std
+
+
 @pytest.mark.parametrize("output", ["tied", "untied"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compressed_embedding_and_softmax_train(variant, output):

@@ -259,9 +259,10 @@ class TransfoXLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.normal_(module.weight, 1.0, cfg.init_std)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.ParameterList):
-            # the only ParameterLists are the projections (emb_projs / out_projs); they are
-            # initialised here because transformers skips modules without direct parameters
+        elif isinstance(module, nn.ParameterList) and self._is_projection_list(module):
+            # the projections (emb_projs / out_projs) are initialised here because
+            # transformers skips modules without direct parameters; other ParameterLists
+            # (the cores of a TT / TR table) keep their layer's own initialisation
             for p in module:
                 if p is not None:
                     init.normal_(p, 0.0, cfg.proj_init_std)
@@ -278,6 +279,10 @@ class TransfoXLPreTrainedModel(PreTrainedModel):
             if isinstance(getattr(module, "r_w_bias", None), nn.Parameter):
                 self._init_param(module.r_w_bias)
                 self._init_param(module.r_r_bias)
+
+    def _is_projection_list(self, params: nn.ParameterList) -> bool:
+        return any(params is getattr(m, "emb_projs", None) or params is getattr(m, "out_projs", None)
+                   for m in self.modules() if isinstance(m, (AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax)))
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
         """The shared parameters, by name: ``{target: source}``. Computed from the actual
