@@ -42,6 +42,23 @@ def test_smoke_run_writes_results_and_a_loadable_checkpoint(ptb_cache, tmp_path,
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
 
 
+@pytest.mark.parametrize("spec", [
+    {"method": "dense"}, {"method": "tt", "rank": 8}, {"method": "tr", "rank": 4},
+    {"method": "dpq", "num_codes": 16, "num_groups": 25},
+])
+def test_every_table_starts_at_init_std(spec):
+    """Dense, TT/TR and DPQ tables (input and untied softmax) start at the same row std,
+    so that the methods are compared from the same start (the TT paper's Glorot std,
+    0.03 here, left a tied TT softmax near the unigram perplexity)."""
+    torch.manual_seed(0)
+    spec = compemb.EmbeddingSpec.from_dict(spec)
+    model = LSTMLanguageModel(2000, 200, 200, 1, spec, output="untied", init_std=0.05)
+    for table in (model.embedding, model.output.table):
+        with torch.no_grad():
+            weight = (table.weight if isinstance(table, torch.nn.Embedding) else table.materialize()).detach()
+        assert float(weight.std()) == pytest.approx(0.05, rel=0.15), spec
+
+
 def test_training_lowers_perplexity_far_below_the_vocabulary(ptb_cache):
     scale = dict(lstm_lm.SCALES["smoke"], lr=1e-2)
     vocab_size = len(Vocab(load_ptb_text()["train"]))
