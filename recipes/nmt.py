@@ -211,12 +211,9 @@ def init_token_tables(model: nn.Module, std: float) -> None:
                 nn.init.normal_(layer.weight, std=std)
                 if layer.padding_idx is not None:
                     layer.weight[layer.padding_idx].zero_()
-            elif hasattr(layer, "cores"):
+            elif hasattr(layer, "rescale_"):
                 layer.reset_parameters()
-                table_std = float(layer.materialize().std())
-                factor = (std / table_std) ** (1.0 / len(layer.cores))
-                for core in layer.cores:
-                    core.mul_(factor)
+                layer.rescale_(std)
 
 
 def embedding_tables(model: nn.Module) -> List[nn.Module]:

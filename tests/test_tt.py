@@ -429,3 +429,20 @@ def test_registry_spec_and_plan():
         assert bigger.storage().ratio < target or config.rank == max_useful_rank(config.shape)
     with pytest.raises(ValueError, match="cannot be reached"):
         plan_tt(100, 16, 1e6)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_rescale_sets_the_table_std_and_keeps_the_init_structure(cls):
+    layer = make(cls, 500, 32, 4, padding_idx=3)
+    before = [c.detach().clone() for c in layer.cores]
+    layer.rescale_(0.05)
+    with torch.no_grad():
+        table = layer.materialize()
+    assert float(table.std()) == pytest.approx(0.05, rel=1e-5)
+    assert table[3].abs().max() == 0
+    ratios = [float((c / b).mean()) for c, b in zip(layer.cores, before)]
+    for c, b, r in zip(layer.cores, before, ratios):
+        torch.testing.assert_close(c.detach(), b * r)  # one factor per core ...
+    assert ratios == pytest.approx([ratios[0]] * len(ratios))  # ... the same for all
+    with pytest.raises(ValueError, match="std must be > 0"):
+        layer.rescale_(0.0)

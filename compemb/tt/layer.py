@@ -83,6 +83,17 @@ class TensorNetworkEmbedding(nn.Module):
             for core in self.cores:
                 core.normal_(0.0, std)
 
+    @torch.no_grad()
+    def rescale_(self, std: float) -> None:
+        """Multiply every core by one factor so that the materialized table has row std
+        ``std`` (the structure of the init is kept); for a model whose dense tables start
+        at ``std`` and which compares methods from the same start."""
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std!r}")
+        factor = (std / float(self.materialize().std())) ** (1.0 / len(self.cores))
+        for core in self.cores:
+            core.mul_(factor)
+
     # ------------------------------------------------------------------ lookups
     def _cores(self) -> List[Tensor]:
         dtype = _compute_dtype(self.cores[0].dtype)

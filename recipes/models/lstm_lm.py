@@ -63,8 +63,6 @@ def _table(spec: compemb.EmbeddingSpec, num_embeddings: int, embedding_dim: int,
             layer.reset_parameters(std=init_std)
         elif isinstance(layer, nn.Embedding):
             nn.init.normal_(layer.weight, std=init_std)
-        elif hasattr(layer, "cores"):  # TT / TR
-            factor = (init_std / float(layer.materialize().std())) ** (1.0 / len(layer.cores))
-            for core in layer.cores:
-                core.mul_(factor)
+        elif hasattr(layer, "rescale_"):  # TT / TR
+            layer.rescale_(init_std)
     return layer
