@@ -14,6 +14,7 @@ after it, any model compresses its embeddings (and softmax) on load::
 A compressed checkpoint does not load without ``import compemb_hf``: transformers raises
 ``ValueError: The model's quantization config ... has no `quant_method` attribute``.
 """
+from .calibration import CalibrationResult, calibrate
 from .config import CompressedEmbeddingConfig
 from .hooks import install as _install, register_from_pretrained_kwarg
 from .quantizer import CompressedEmbeddingQuantizer
@@ -23,7 +24,9 @@ from .surgery import (ScaledEmbedding, compress, compressed_layers, decompress,
 _install()
 
 from . import transfo_xl  # noqa: E402,F401  (registers the Transformer-XL model types)
+from .pretrained import PretrainedCompression, compress_pretrained  # noqa: E402
 
 __all__ = ["CompressedEmbeddingConfig", "CompressedEmbeddingQuantizer", "compress",
            "compressed_layers", "decompress", "export_codebooks", "is_compressed", "ScaledEmbedding",
-           "register_from_pretrained_kwarg"]
+           "register_from_pretrained_kwarg", "calibrate", "CalibrationResult",
+           "compress_pretrained", "PretrainedCompression"]

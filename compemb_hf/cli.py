@@ -1,5 +1,7 @@
 """The ``compemb`` command line.
 
+    compemb compress MODEL_DIR --method dpq|tt --ratio R [--calibration-text FILE_OR_DIR ...]
+                     [--calibration-minutes M] [--sample-tokens N] --out DIR
     compemb compress MODEL_DIR --method tt --rank 16 [--output tied|untied|dense] --out DIR
     compemb compress MODEL_DIR --method dpq --num-codes 32 --num-groups 32 [--export] --out DIR
     compemb report MODEL_DIR [--json]
@@ -57,28 +59,126 @@ def _config_from_args(args: argparse.Namespace):
         init=args.init)
 
 
+def _check_out(out: str, model_dir: str) -> str:
+    out = os.path.abspath(out)
+    if out == os.path.abspath(model_dir):
+        raise ValueError("--out must be another folder than MODEL_DIR")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} already exists and is not an empty folder; choose a new "
+                         f"folder (the result is written elsewhere first and renamed into place)")
+    return out
+
+
+def _save(model, model_dir: str, out: str) -> None:
+    """Write the checkpoint and the side files into a sibling temporary folder, then rename
+    it to ``out``: an interrupted run leaves no half-written ``out``."""
+    import tempfile
+
+    parent = os.path.dirname(out) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".part-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        for name in os.listdir(model_dir):  # tokenizer and other side files
+            src = os.path.join(model_dir, name)
+            if (os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES)
+                    and not os.path.exists(os.path.join(tmp, name))):
+                shutil.copy2(src, os.path.join(tmp, name))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked before any work)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dense_table_shape(model_dir: str):
+    """``(vocab, hidden, bytes per value)`` from config.json, or None where it does not say."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    v, d = cfg.get("vocab_size"), cfg.get("hidden_size", cfg.get("d_model"))
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(str(dtype), 4)
+    return (v, d, size) if isinstance(v, int) and isinstance(d, int) else None
+
+
+def cmd_compress_ratio(args: argparse.Namespace) -> int:
+    """``--ratio``: post-training compression fitted to the model (compress_pretrained)."""
+    import compemb
+    from compemb.fit import plan_fit
+
+    from .calibration import can_sample, read_sources, sources_from_texts
+    from .pretrained import compress_pretrained
+
+    if args.method not in ("dpq", "tt", "tr"):
+        raise ValueError(f"--ratio needs --method dpq, tt or tr, got {args.method!r}")
+    explicit = [f for f in ("rank", "shape", "num_factors", "num_codes", "num_groups", "variant")
+                if getattr(args, f) is not None]
+    if explicit or args.export or args.init or args.modules:
+        raise ValueError(f"--ratio chooses the settings itself; drop "
+                         f"{['--' + f.replace('_', '-') for f in explicit] or '--export/--init/--modules'}")
+    if args.calibration_minutes is not None and not args.calibration_minutes > 0:
+        raise ValueError(f"--calibration-minutes must be > 0, got {args.calibration_minutes}")
+    out = _check_out(args.out, args.model_dir)
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise ValueError(f"{args.model_dir} has no config.json: give a folder written by "
+                         f"save_pretrained")
+    # every check that needs no model, before any work starts
+    texts = read_sources(args.calibration_text) if args.calibration_text else None
+    shape = _dense_table_shape(args.model_dir)
+    if shape is not None:
+        plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2])
+    sources = None
+    if texts is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        sources = sources_from_texts(tokenizer, texts)  # too short for a window: refused now
+    model = _load(args.model_dir)
+    if texts is None and not can_sample(model):
+        raise ValueError(f"{type(model).__name__} cannot generate text to calibrate on: give "
+                         f"--calibration-text FILE (or a folder of .txt files)")
+    result = compress_pretrained(
+        model, args.method, args.ratio, sources=sources,
+        sample=args.sample_tokens if can_sample(model) else 0,
+        calibration_minutes=args.calibration_minutes, seed=args.seed,
+        progress=not args.quiet, row_order=args.row_order,
+        **({} if args.exact_share is None else {"exact_share": args.exact_share}))
+    if not args.quiet:
+        print(f"planner: {result.plan.describe()}")
+        print(f"calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
+        if result.calibration is not None:
+            c = result.calibration
+            print(f"calibration: {c.steps} steps, held-out loss {c.heldout_before:.4f} -> "
+                  f"{c.heldout_after:.4f}")
+        print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
+    _save(model, args.model_dir, out)
+    if not args.quiet:
+        print(compemb.compression_report(model))
+        print(f"saved to {out}")
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     import compemb
 
     from .surgery import compress, export_codebooks
 
+    if args.ratio is not None:
+        return cmd_compress_ratio(args)
+    if args.calibration_text or args.calibration_minutes is not None:
+        raise ValueError("--calibration-text and --calibration-minutes go with --ratio")
     config = _config_from_args(args)  # checks the settings before the model is read
-    if os.path.abspath(args.out) == os.path.abspath(args.model_dir):
-        raise ValueError("--out must be another folder than MODEL_DIR")
+    out = _check_out(args.out, args.model_dir)
     model = _load(args.model_dir)
     compress(model, config, progress=not args.quiet)
     if args.export:
         export_codebooks(model)
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    for name in os.listdir(args.model_dir):  # tokenizer and other side files
-        src = os.path.join(args.model_dir, name)
-        if (os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES)
-                and not os.path.exists(os.path.join(args.out, name))):
-            shutil.copy2(src, os.path.join(args.out, name))
+    _save(model, args.model_dir, out)
     if not args.quiet:
         print(compemb.compression_report(model))
-        print(f"saved to {args.out}")
+        print(f"saved to {out}")
     return 0
 
 
@@ -143,6 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--init", choices=["pretrained", "random"])
     c.add_argument("--export", action="store_true",
                    help="DPQ: store the codebook form (packed codes and values)")
+    c.add_argument("--ratio", type=float,
+                   help="post-training compression to this ratio over the vocabulary tables "
+                        "(embedding plus head), settings chosen by the planner and fitted to "
+                        "the model")
+    c.add_argument("--calibration-text", action="append", metavar="FILE_OR_DIR",
+                   help="calibration text (a .txt file or a folder of them; repeat for "
+                        "several sources, each weighing the same); blended with text "
+                        "sampled from a causal LM")
+    c.add_argument("--calibration-minutes", type=float,
+                   help="budget for sampling, statistics and the distillation (default: "
+                        "no distillation, only the data-aware fit)")
+    c.add_argument("--sample-tokens", type=int, default=None,
+                   help="tokens sampled from the model itself (causal LMs; default 8192)")
+    c.add_argument("--exact-share", type=float, default=None,
+                   help="share of the bytes for rows kept exactly (default 0.1)")
+    c.add_argument("--row-order", action="store_true",
+                   help="TT/TR: reorder rows so that similar ones share index prefixes")
+    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
     r = sub.add_parser("report", help="what a model's compressed layers store")

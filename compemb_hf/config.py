@@ -56,6 +56,11 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         init: ``"pretrained"`` (default) starts from the loaded dense table (TT-SVD /
             TR-SVD / k-means); ``"random"`` starts from the method's own initialisation.
             Ignored when loading a checkpoint that is already compressed.
+        fit: set by :func:`compemb_hf.compress_pretrained` (not by hand): each table is a
+            :class:`compemb.fit.FittedEmbedding` of this structure, a dict
+            ``{"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias":
+            bool}`` (a ``d x d`` transform, rows kept exactly, a row permutation, a logit
+            bias on the table that serves as the head). ``None``: plain layers.
         **options: any other setting of the method (``commitment`` for DPQ ...).
 
     Raises ``ValueError`` naming the bad field and what would work.
@@ -67,7 +72,8 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                  shared_subspace: Optional[bool] = None, distance_norm: Optional[bool] = None,
                  temperature: Optional[float] = None, modules: Optional[Sequence[str]] = None,
                  output: Optional[str] = None, init: Optional[str] = None,
-                 form: str = "train", **options: Any) -> None:
+                 form: str = "train", fit: Optional[Dict[str, Any]] = None,
+                 **options: Any) -> None:
         options.pop("quant_method", None)
         options.pop(SERIAL_MARKER, None)
         options.pop("load_with", None)
@@ -84,6 +90,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         self.output = output
         self.init = init
         self.form = form
+        self.fit = None if fit is None else dict(fit)
         self.post_init()
 
     # -- validation -----------------------------------------------------------------------
@@ -116,6 +123,14 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                              f"{self.method!r}; use form='train'")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if self.fit is not None:
+            keys = {"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias": bool}
+            if (not isinstance(self.fit, dict) or set(self.fit) != set(keys)
+                    or any(not isinstance(self.fit[k], t) or (t is int and self.fit[k] < 0)
+                           for k, t in keys.items())):
+                raise ValueError(f"fit must be None or a dict {{'transform': bool, "
+                                 f"'exact_rows': int >= 0, 'row_order': bool, 'logit_bias': "
+                                 f"bool}}, got {self.fit!r}")
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -138,6 +153,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             "output": self.output,
             "init": self.init,
             "form": self.form,
+            "fit": copy.deepcopy(self.fit),
         }
 
     def to_diff_dict(self) -> Dict[str, Any]:
@@ -162,4 +178,4 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"CompressedEmbeddingConfig(method={self.method!r}, {fields}, "
                 f"modules={self.modules!r}, output={self.output!r}, init={self.init!r}, "
-                f"form={self.form!r})")
+                f"form={self.form!r}, fit={self.fit!r})")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from compemb import DPQEmbedding, OutputLayer, build_embedding, compress_embedding
+from compemb.fit import FittedEmbedding
 
 from .config import CompressedEmbeddingConfig
 
@@ -193,8 +194,21 @@ def plan_surgery(model: nn.Module, config: CompressedEmbeddingConfig) -> _Plan:
 
 
 def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx: Optional[int],
-                 from_weights: bool) -> nn.Module:
+                 from_weights: bool, head: bool = False) -> nn.Module:
     spec = config.spec
+    if config.fit is not None:
+        if from_weights:
+            raise ValueError("a config with fit=... describes a checkpoint written by "
+                             "compemb_hf.compress_pretrained; to compress a dense model that "
+                             "way, call compress_pretrained (or `compemb compress --ratio`)")
+        plain = CompressedEmbeddingConfig.from_dict({**config.to_dict(), "fit": None})
+        base = _build_table(plain, weight, None, False)
+        with torch.device(weight.device if weight.device.type != "meta" else "cpu"):
+            layer = FittedEmbedding.empty(base, config.fit["transform"],
+                                          config.fit["exact_rows"], config.fit["row_order"],
+                                          padding_idx=padding_idx,
+                                          logit_bias=config.fit["logit_bias"] and head)
+        return layer.to(weight.device) if weight.device.type == "meta" else layer
     if config.form == "codebook":
         return _build_codebook(config, weight, padding_idx, from_weights)
     if from_weights and config.init != "random":
@@ -252,11 +266,13 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_weights: bool,
-                  progress: bool = False) -> Dict[str, nn.Module]:
+                  progress: bool = False, build: Optional[Any] = None) -> Dict[str, nn.Module]:
     """Replace the embeddings and head planned from ``config``; returns ``{path: layer}`` of
     the new compressed tables. ``from_weights``: initialise from the current dense tables
     (``config.init`` permitting); otherwise the layers are fresh (their values are about to
-    be loaded from a compressed checkpoint)."""
+    be loaded from a compressed checkpoint). ``build(path, weight, padding_idx, role)``
+    (``role``: ``"input"`` or ``"head"``), if given, makes each table instead (what
+    :func:`compemb_hf.compress_pretrained` uses to put in its fitted tables)."""
     hook = getattr(model, "apply_compressed_embedding", None)
     if callable(hook):
         # model types with their own structure (compemb_hf.transfo_xl) do their own surgery
@@ -276,8 +292,12 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
 
         iterator = tqdm(tables, desc=f"compressing ({config.method})", unit="table")
     built: List[nn.Module] = []
-    for _, path, weight, padding_idx in iterator:  # build everything before changing anything
-        built.append(_build_table(config, weight, padding_idx, from_weights))
+    for group, path, weight, padding_idx in iterator:  # build everything before changing anything
+        is_head = group is None or (plan.output == "tied" and group is plan.groups[0])
+        if build is not None:
+            built.append(build(path, weight, padding_idx, "input" if group is not None else "head"))
+        else:
+            built.append(_build_table(config, weight, padding_idx, from_weights, head=is_head))
     for (group, _, _, _), layer in zip(tables, built):
         layer.train(model.training)
         if group is not None:
@@ -430,9 +450,12 @@ def is_compressed_module(module: nn.Module) -> bool:
 
 
 def compressed_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """``{path: layer}`` for every distinct compemb layer in ``model`` (first path)."""
+    """``{path: layer}`` for every distinct compemb layer in ``model`` (first path); the
+    layers inside one (a :class:`compemb.fit.FittedEmbedding`'s base) are its own."""
     out, seen = {}, set()
     for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in out):
+            continue
         if is_compressed_module(m) and id(m) not in seen:
             seen.add(id(m))
             out[name] = m
@@ -462,6 +485,26 @@ def _tolerant_init_weights(self, module: nn.Module) -> None:
             raise
 
 
+def _save_pretrained(self, save_directory, *args: Any, compemb_form: Optional[str] = None,
+                     **kwargs: Any):
+    """``save_pretrained`` of a compressed model: small by default. A model that is not
+    being trained (``model.training`` is False, as after ``from_pretrained``) saves its
+    inference form: DPQ layers as packed codes and values (``export_codebooks``), which
+    reload as such; a model in training mode (a Trainer checkpoint) saves the training
+    form, to resume. ``compemb_form="train"`` / ``"inference"`` chooses explicitly. The
+    model itself is not changed (the export is made on a copy)."""
+    form = compemb_form or ("train" if self.training else "inference")
+    if form not in ("train", "inference"):
+        raise ValueError(f"compemb_form must be 'train' or 'inference', got {compemb_form!r}")
+    save = type(self).save_pretrained
+    if form == "train" or not any(isinstance(m, DPQEmbedding) for m in self.modules()):
+        return save(self, save_directory, *args, **kwargs)
+    import copy
+
+    exported = export_codebooks(copy.deepcopy(self))
+    return save(exported, save_directory, *args, **kwargs)
+
+
 def _install_guards(model: nn.Module) -> None:
     from transformers import PreTrainedModel
 
@@ -470,6 +513,7 @@ def _install_guards(model: nn.Module) -> None:
     # are ordinary floating-point parameters and cast like the rest of the model
     model.half = types.MethodType(nn.Module.half, model)
     model.float = types.MethodType(nn.Module.float, model)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
             sub._init_weights = types.MethodType(_tolerant_init_weights, sub)
@@ -522,13 +566,19 @@ def decompress(model: nn.Module) -> nn.Module:
             swaps.append((name, dense[id(m)]))
         elif isinstance(m, OutputLayer) and id(m.table) in dense:
             table = dense[id(m.table)]
-            head = nn.Linear(m.embedding_dim, m.num_embeddings, bias=m.bias is not None,
+            logit_bias = getattr(m.table, "logit_bias", None)  # a FittedEmbedding's
+            head = nn.Linear(m.embedding_dim, m.num_embeddings,
+                             bias=m.bias is not None or logit_bias is not None,
                              device=table.weight.device, dtype=table.weight.dtype)
             if m.tied:
                 head.weight = table.weight
             else:
                 head.weight.data.copy_(table.weight.data)
-            if m.bias is not None:
+            if logit_bias is not None:
+                with torch.no_grad():
+                    extra = 0 if m.bias is None else m.bias.detach()
+                    head.bias.copy_(logit_bias.detach() + extra)
+            elif m.bias is not None:
                 head.bias = m.bias
             swaps.append((name, head))
     swaps = [(n, mod) for n, mod in swaps if not any(n.startswith(o + ".") for o, _ in swaps)]
@@ -539,7 +589,7 @@ def decompress(model: nn.Module) -> nn.Module:
     for sub in model.modules():  # back to the classes' own tying and methods
         if isinstance(sub, PreTrainedModel):
             for attr in ("_tied_weights_keys", "_init_weights", "resize_token_embeddings",
-                         "half", "float"):
+                         "half", "float", "save_pretrained"):
                 sub.__dict__.pop(attr, None)
     for _, sub in reversed(_pretrained_submodels(model)):
         sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=False)
@@ -614,4 +664,5 @@ def compress(model: nn.Module, config: CompressedEmbeddingConfig, *, progress: b
 
 # pickling a bound method looks the name up again on the instance
 _refuse_resize.__name__ = "resize_token_embeddings"
+_save_pretrained.__name__ = "save_pretrained"
 _tolerant_init_weights.__name__ = "_init_weights"

@@ -186,18 +186,29 @@ def byte_lookup_applies(num_groups: int, bits: int) -> bool:
 # --------------------------------------------------------------------------- k-means
 
 def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmeans++",
-           generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+           generator: Optional[torch.Generator] = None,
+           weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Batched Lloyd k-means: ``points [G, N, s] -> (centroids [G, K, s], assign [G, N])``,
     one independent problem per leading index. ``init`` is ``"kmeans++"`` or ``"random"``
     (distinct points drawn uniformly); deterministic for a given ``generator`` (default:
     a fresh one seeded 0). An empty cluster keeps its previous centroid. Computed in
-    float32."""
+    float32.
+
+    ``weights [N]`` (>= 0, shared by the ``G`` problems): weighted k-means, minimising
+    ``sum_i w_i ||x_i - c(x_i)||^2``; centroids are weighted means and k-means++ draws
+    seeds with probability ``w_i * D(x_i)^2``. A point of weight 0 takes no part in the
+    fit but still gets its nearest centroid."""
     if init not in ("kmeans++", "random"):
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
     x = points.detach().to(torch.float32)
     g, n, _ = x.shape
     if n == 0:
         raise ValueError("kmeans needs at least one point")
+    if weights is not None:
+        if weights.shape != (n,) or not bool((weights >= 0).all()) or not float(weights.sum()) > 0:
+            raise ValueError(f"weights must be a tensor [{n}] of non-negative numbers with a "
+                             f"positive sum (one per point), got shape {tuple(weights.shape)}")
+        weights = weights.detach().to(device=x.device, dtype=torch.float32)
     device = x.device
     rows = torch.arange(g, device=device)
     if generator is None:
@@ -211,7 +222,13 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
         return torch.multinomial(w, 1, generator=generator).squeeze(1).to(device)
 
     if init == "random":
-        if n >= num_clusters:
+        if weights is not None:  # distinct points, drawn with probability ~ weight
+            w = weights.to(gen_device, torch.float64).unsqueeze(0).expand(g, n)
+            idx = torch.multinomial(w, min(num_clusters, int((weights > 0).sum())),
+                                    generator=generator).to(device)
+            if idx.shape[1] < num_clusters:  # fewer weighted points than clusters
+                idx = idx.repeat(1, -(-num_clusters // idx.shape[1]))[:, :num_clusters]
+        elif n >= num_clusters:
             noise = torch.rand(g, n, generator=generator, device=gen_device).to(device)
             idx = noise.argsort(dim=1)[:, :num_clusters]
         else:
@@ -220,13 +237,17 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
         centroids = x[rows.unsqueeze(1), idx]
     else:  # k-means++ seeding, on a random subset of the points when there are many
         seed = x
+        seed_w = None if weights is None else weights.unsqueeze(0).expand(g, n)
         if n > max(4096, 16 * num_clusters):
             noise = torch.rand(g, n, generator=generator, device=gen_device).to(device)
             keep = noise.argsort(dim=1)[:, :max(4096, 16 * num_clusters)]
             seed = x[rows.unsqueeze(1), keep]
+            seed_w = None if weights is None else weights[keep]
         norms = (seed * seed).sum(-1)  # [G, n']
+        if seed_w is None:
+            seed_w = torch.ones_like(norms)
         centroids = x.new_empty(g, num_clusters, x.shape[2])
-        centroids[:, 0] = seed[rows, draw(torch.ones_like(norms))]
+        centroids[:, 0] = seed[rows, draw(seed_w)]
 
         def sqdist_to(c: Tensor) -> Tensor:  # [G, s] -> [G, n']
             dots = torch.matmul(seed, c.unsqueeze(2)).squeeze(2)
@@ -234,14 +255,19 @@ def kmeans(points: Tensor, num_clusters: int, iters: int = 25, init: str = "kmea
 
         best = sqdist_to(centroids[:, 0])
         for k in range(1, num_clusters):
-            centroids[:, k] = seed[rows, draw(best)]
+            centroids[:, k] = seed[rows, draw(best * seed_w)]
             best = torch.minimum(best, sqdist_to(centroids[:, k]))
     assign = _nearest(x, centroids)
     for _ in range(iters):
         sums = torch.zeros_like(centroids).view(g * num_clusters, -1)
         flat = (assign + rows.unsqueeze(1) * num_clusters).reshape(-1)
-        sums.index_add_(0, flat, x.reshape(g * n, -1))
-        counts = torch.bincount(flat, minlength=g * num_clusters).to(x.dtype)
+        if weights is None:
+            sums.index_add_(0, flat, x.reshape(g * n, -1))
+            counts = torch.bincount(flat, minlength=g * num_clusters).to(x.dtype)
+        else:
+            w = weights.repeat(g)
+            sums.index_add_(0, flat, x.reshape(g * n, -1) * w.unsqueeze(1))
+            counts = torch.bincount(flat, weights=w, minlength=g * num_clusters).to(x.dtype)
         sums = sums.view_as(centroids)
         counts = counts.view(g, num_clusters, 1)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)

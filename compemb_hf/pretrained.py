@@ -1,0 +1,182 @@
+"""Post-training compression of a pretrained model's vocabulary tables.
+
+:func:`compress_pretrained` is what ``compemb compress MODEL --ratio R`` runs:
+
+1. calibration text: the user's sources, blended with text sampled from the model itself
+   (a causal LM), each source weighing the same;
+2. statistics from the dense model: smoothed, capped token weights and the second moment of
+   the LM head's input (:mod:`compemb.fit.stats`);
+3. the planner picks the settings that reach the ratio over the vocabulary tables
+   (:func:`compemb.fit.plan_fit`), with rows kept exactly for the most used tokens;
+4. each table is fitted in the head's metric (:func:`compemb.fit.fit_table`) and put in
+   (the model's own tying kept);
+5. a short distillation against the dense model (:func:`compemb_hf.calibrate`), within the
+   time budget that is left.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from compemb.fit import DEFAULT_EXACT_SHARE, FitPlan, fit_table, metric_root, plan_fit, token_weights
+
+from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
+                          CalibrationSource, Texts,
+                          calibrate, can_sample, collect_statistics, sample_tokens,
+                          sources_from_texts)
+from .config import CompressedEmbeddingConfig
+from .surgery import apply_surgery, is_compressed, plan_surgery
+
+__all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT"]
+
+#: Weight of plain L2 beside the head's metric for a tied table (whose rows are also read
+#: by the input side); an untied head gets a tenth of it.
+IDENTITY_WEIGHT = 1.0
+
+
+@dataclass
+class PretrainedCompression:
+    """What :func:`compress_pretrained` chose and measured.
+
+    Attributes:
+        plan: the settings of each table (:class:`compemb.fit.FitPlan`).
+        output: how the head is compressed (``"tied"``, ``"untied"``, ``"dense"``, ``"none"``).
+        sources: ``{name: tokens}`` of the calibration text (``"sampled"``: from the model).
+        seconds: wall time per stage (``sampling``, ``statistics``, ``fit``, ``calibration``).
+        calibration: the distillation's result, or ``None`` when not run.
+    """
+
+    plan: FitPlan
+    output: str
+    sources: Dict[str, int] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    calibration: Optional[CalibrationResult] = None
+
+
+def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenizer: Any = None,
+                        texts: Texts = None, sample: Optional[int] = None,
+                        sources: Optional[Sequence[CalibrationSource]] = None,
+                        calibration_minutes: Optional[float] = None,
+                        calibration_steps: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN,
+                        exact_share: float = DEFAULT_EXACT_SHARE, row_order: bool = False,
+                        prior: Optional[float] = None, cap: Optional[float] = None,
+                        seed: int = 0, progress: bool = True) -> PretrainedCompression:
+    """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
+    ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
+    compressed (``save_pretrained`` writes the inference form: DPQ codes and values, TT
+    cores, with the transforms and exact rows).
+
+    Args:
+        method: ``"dpq"`` (product quantisation, stored as codes) or ``"tt"`` / ``"tr"``.
+        ratio: dense bytes of the vocabulary tables / bytes stored (each table at this
+            ratio, in the model's dtype).
+        tokenizer, texts: calibration text (see :func:`compemb_hf.calibrate`).
+        sample: tokens sampled from the model itself and blended with ``texts`` (default
+            :data:`DEFAULT_SAMPLE_TOKENS` for a causal LM; 0 for an encoder, which then
+            needs ``texts``).
+        calibration_minutes, calibration_steps: the distillation's budget (minutes count
+            sampling and statistics too). Neither: no distillation, only the data-aware fit.
+        exact_share: share of each table's bytes for rows kept exactly.
+        row_order: TT/TR: place similar rows under shared index prefixes.
+        prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
+        sources: ready token windows (:class:`compemb_hf.calibration.CalibrationSource`,
+            e.g. one sampling shared by several compressions), used beside ``texts`` and
+            ``sample``.
+
+    ``ValueError`` before any work for: a model already compressed, one without an
+    embedding the project can replace, an unreachable ratio (naming the closest one), an
+    encoder without text, text too short for one window.
+    """
+    began = time.monotonic()
+    deadline = None if calibration_minutes is None else began + 60.0 * calibration_minutes
+    if is_compressed(model):
+        raise ValueError(f"{type(model).__name__} is already compressed")
+    if method not in ("tt", "tr", "dpq"):
+        raise ValueError(f"method must be 'dpq', 'tt' or 'tr', got {method!r}")
+    probe = CompressedEmbeddingConfig(method)
+    layout = plan_surgery(model, probe)  # ValueError for a model without a replaceable embedding
+    weight = layout.groups[0].weight
+    v, d = int(weight.shape[0]), int(weight.shape[1])
+    has_head = layout.output in ("tied", "untied")
+    fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
+                        transform=has_head, row_order=row_order, logit_bias=has_head,
+                        exact_share=exact_share)
+    if sample is None:
+        sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
+    sources = list(sources or [])
+    if texts is not None:
+        if tokenizer is None:
+            raise ValueError("texts need tokenizer=...")
+        sources += sources_from_texts(tokenizer, texts, seq_len)
+    if sample and not can_sample(model):
+        raise ValueError(f"{type(model).__name__} cannot generate text: set sample=0 and give "
+                         f"calibration text")
+    if not sources and not sample:
+        raise ValueError(f"{type(model).__name__} cannot generate text to calibrate on: give "
+                         f"calibration text (--calibration-text FILE, or texts=... with "
+                         f"tokenizer=...)")
+
+    seconds: Dict[str, float] = {}
+    t = time.monotonic()
+    if sample:
+        sources.append(sample_tokens(model, sample, seq_len=seq_len, seed=seed, progress=progress,
+                                     deadline=deadline))
+    seconds["sampling"] = time.monotonic() - t
+    t = time.monotonic()
+    counts, second, mean = collect_statistics(model, sources, v, progress=progress,
+                                              deadline=deadline)
+    seconds["statistics"] = time.monotonic() - t
+
+    t = time.monotonic()
+    weights_kw = {k: val for k, val in (("prior", prior), ("cap", cap)) if val is not None}
+    tw = token_weights(counts, **weights_kw)
+    teacher = copy.deepcopy(model) if (calibration_minutes or calibration_steps) else None
+    # the logit bias cancels each row's error along the mean hidden state, so the fit
+    # spends its budget on the covariance (plus plain L2 for the input side of a tied table)
+    covariance = None if second is None else second - torch.outer(mean, mean)
+    metrics = {
+        "input": metric_root(covariance, d, IDENTITY_WEIGHT)
+        if layout.output == "tied" and covariance is not None else None,
+        "head": metric_root(covariance, d, 0.1 * IDENTITY_WEIGHT) if covariance is not None else None,
+    }
+    head_role = "input" if layout.output == "tied" else "head"
+    config = CompressedEmbeddingConfig(
+        method, **{k: val for k, val in fit_plan.spec.to_dict().items() if k != "method"},
+        output=layout.output if has_head else None,
+        form="codebook" if method == "dpq" else "train",
+        fit={"transform": fit_plan.transform, "exact_rows": fit_plan.num_exact,
+             "row_order": fit_plan.row_order, "logit_bias": fit_plan.logit_bias})
+
+    def build(path: str, table: torch.Tensor, padding_idx: Optional[int], role: str):
+        metric = metrics[role]
+        if metric is None and fit_plan.transform:  # same structure for every table
+            eye = torch.eye(d, dtype=torch.float64)
+            metric = (eye, eye)
+        layer = fit_table(table.detach(), fit_plan.spec, token_weights=tw, metric=metric,
+                          num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
+                          padding_idx=padding_idx, seed=seed,
+                          head_mean=mean if (role == head_role and fit_plan.logit_bias) else None)
+        return layer.to(table.device)
+
+    apply_surgery(model, config, from_weights=True, progress=progress, build=build)
+    from .quantizer import mark_compressed
+
+    mark_compressed(model, config)
+    seconds["fit"] = time.monotonic() - t
+    result = PretrainedCompression(plan=fit_plan, output=layout.output,
+                                   sources={s.name: s.num_tokens for s in sources},
+                                   seconds=seconds)
+    if teacher is not None:
+        left = None if deadline is None else (deadline - time.monotonic()) / 60.0
+        if left is None or left > 0:
+            result.calibration = calibrate(model, teacher=teacher, sources=sources, sample=0,
+                                           minutes=left, steps=calibration_steps, seq_len=seq_len,
+                                           seed=seed, progress=progress)
+            seconds["calibration"] = result.calibration.seconds
+        del teacher
+    return result

@@ -1,0 +1,316 @@
+"""Post-training compression of a pretrained model (compemb_hf.compress_pretrained,
+calibrate, `compemb compress --ratio`) on tiny models the tests build."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import compemb  # noqa: E402
+import compemb_hf  # noqa: E402
+from compemb.fit import FittedEmbedding  # noqa: E402
+from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
+from compemb_hf.cli import main as cli  # noqa: E402
+
+TEXT = ("The market rose on Monday as investors bought shares of banks and airlines. "
+        "Prices of oil fell while the dollar gained against the yen. ") * 12
+CODE = ("def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
+        "        self.x = x\n        self.y = y\n") * 10
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    # room in the vocabulary for ids no text uses, as a real tokenizer has
+    vocab.update({f"<extra{i}>": len(vocab) for i in range(160)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def tiny_lm(vocab: int, tied: bool = True, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture()
+def lm(tokenizer):
+    return tiny_lm(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tiny_lm(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _logits(model, tokenizer, text=TEXT[:90]):
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ---------------------------------------------------------------------------- compress_pretrained
+@pytest.mark.parametrize("method", ["dpq", "tt"])
+def test_compress_pretrained_fits_saves_small_and_reloads(method, lm, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dense_dir = tmp_path / "dense"
+    lm.save_pretrained(dense_dir)
+    result = compemb_hf.compress_pretrained(lm, method, 3, tokenizer=tokenizer, texts=TEXT,
+                                            sample=128, seq_len=32, progress=False)
+    table = lm.get_input_embeddings()
+    assert isinstance(table, FittedEmbedding) and lm.lm_head.table is table  # still tied
+    report = compemb.compression_report(lm)
+    assert report.embedding_ratio >= 3 and result.plan.ratio >= 3
+    assert set(result.sources) == {"texts", "sampled"}
+    lm.save_pretrained(tmp_path / "out")
+    # the checkpoint shrinks by about the bytes the table saved
+    dense_file = os.path.getsize(dense_dir / "model.safetensors")
+    small_file = os.path.getsize(tmp_path / "out" / "model.safetensors")
+    saved = report.embedding_dense_bytes - report.embedding_stored_bytes
+    assert dense_file - small_file == pytest.approx(saved, abs=1024)  # + the safetensors header
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
+    if method == "dpq":  # stored as codes, not as the training form's query table
+        assert isinstance(back.get_input_embeddings().base, compemb.CodebookEmbedding)
+
+
+def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
+    lm = tiny_lm(len(tokenizer), tied=False)
+    head_weight = lm.lm_head.weight.detach().clone()
+    compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, progress=False)
+    head = lm.lm_head
+    assert not head.tied and isinstance(head.table, FittedEmbedding)
+    assert head.table is not lm.get_input_embeddings()
+    assert sum(p.numel() for p in head.parameters()) > 0  # registered: trained and saved
+    err = (head.table.materialize() - head_weight).norm() / head_weight.norm()
+    assert err < 0.9
+
+
+def test_calibration_lowers_the_loss_and_trains_only_the_tables(lm, tokenizer):
+    import copy
+
+    teacher = copy.deepcopy(lm)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, progress=False)
+    body = {k: v.clone() for k, v in lm.state_dict().items() if "embed_tokens" not in k}
+    table = {k: v.clone() for k, v in lm.state_dict().items() if "embed_tokens" in k}
+    result = compemb_hf.calibrate(lm, TEXT + CODE, teacher=teacher, tokenizer=tokenizer,
+                                  steps=40, seq_len=32, lr=0.05, eval_every=5, progress=False)
+    assert result.steps == 40
+    assert result.heldout_after < result.heldout_before
+    for k, v in lm.state_dict().items():
+        if k in body:
+            assert torch.equal(v, body[k]), k  # the body is untouched
+    assert any(not torch.equal(lm.state_dict()[k], v) for k, v in table.items()
+               if v.is_floating_point())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k  # the teacher is never changed
+    assert all(p.requires_grad for p in lm.parameters())  # frozen only during the call
+    assert "model.embed_tokens.transform" in result.trained
+
+
+def test_calibrate_without_text_samples_from_the_teacher(lm, tokenizer):
+    import copy
+
+    teacher = copy.deepcopy(lm)
+    compemb_hf.compress_pretrained(lm, "tt", 3, sample=64, seq_len=32, progress=False)
+    result = compemb_hf.calibrate(lm, teacher=teacher, steps=20, sample=96, seq_len=32,
+                                  lr=0.05, eval_every=5, progress=False)
+    assert result.sources == {"sampled": 96}
+    assert result.heldout_after < result.heldout_before
+
+
+def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(lm):
+    state = torch.random.get_rng_state()
+    a = sample_tokens(lm, 64, seq_len=16, seed=3, progress=False)
+    b = sample_tokens(lm, 64, seq_len=16, seed=3, progress=False)
+    c = sample_tokens(lm, 64, seq_len=16, seed=4, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a.windows.shape == (4, 16) and torch.equal(a.windows, b.windows)
+    assert not torch.equal(a.windows, c.windows)
+    with pytest.raises(ValueError, match="smallest budget is 16 tokens"):
+        sample_tokens(lm, 10, seq_len=16, progress=False)
+
+
+def test_two_sources_are_both_used_and_weigh_the_same(tokenizer, lm):
+    from compemb_hf.calibration import collect_statistics
+
+    sources = sources_from_texts(tokenizer, {"news": TEXT, "code": CODE * 3}, seq_len=32)
+    assert [s.name for s in sources] == ["news", "code"]
+    counts, second, mean = collect_statistics(lm, sources, len(tokenizer), progress=False)
+    assert mean.shape == (16,)
+    assert second.shape == (16, 16)
+    assert float(counts.sum()) == pytest.approx(2.0)  # each source's counts sum to 1
+    news_only, code_only = tokenizer("$")["input_ids"][0], tokenizer("(")["input_ids"][0]
+    assert counts[code_only] > 0  # the code source counts, though shorter in tokens ...
+    assert counts[tokenizer("q")["input_ids"][0]] == 0
+    assert news_only != code_only
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_encoder_without_text_is_refused_naming_calibration_text():
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)).eval()
+    before = {k: v.clone() for k, v in bert.state_dict().items()}
+    with pytest.raises(ValueError, match="calibration-text"):
+        compemb_hf.compress_pretrained(bert, "dpq", 3, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in bert.state_dict().items())
+
+
+def test_model_without_a_replaceable_embedding_and_bad_ratio_are_refused(lm):
+    with pytest.raises(ValueError, match="input embedding"):
+        compemb_hf.compress_pretrained(torch.nn.Linear(3, 3), "dpq", 4, progress=False)
+    with pytest.raises(ValueError, match="closest ratio"):
+        compemb_hf.compress_pretrained(lm, "dpq", 500, sample=16, seq_len=16, progress=False)
+    assert not compemb_hf.is_compressed(lm)
+
+
+def test_read_sources_refuses_bad_paths(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02abc")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.md").write_text("not a .txt")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.txt").write_text("alpha")
+    (tmp_path / "ok" / "sub").mkdir()
+    (tmp_path / "ok" / "sub" / "b.txt").write_text("beta")
+    for name, match in [("missing.txt", "does not exist"), ("empty.txt", "is empty"),
+                        ("bin.txt", "not a text file"), ("latin.txt", "not UTF-8"),
+                        ("folder", "holds no .txt")]:
+        with pytest.raises(ValueError, match=match) as err:
+            read_sources([str(tmp_path / name)])
+        assert str(tmp_path / name) in str(err.value)
+    assert read_sources([str(tmp_path / "ok")]) == {str(tmp_path / "ok"): ["alpha", "beta"]}
+
+
+def test_text_too_short_for_one_window_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="too short for one window of 32 tokens"):
+        sources_from_texts(tokenizer, {"tiny": "hello"}, seq_len=32)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_cli_compress_ratio_round_trip_and_report(lm_dir, tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    before = {p.name: p.stat().st_mtime_ns for p in lm_dir.iterdir()}
+    text = tmp_path / "news.txt"
+    text.write_text(TEXT)
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "a.txt").write_text(CODE)
+    out = tmp_path / "small"
+    rc = cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--calibration-text",
+              str(text), "--calibration-text", str(code_dir), "--calibration-minutes", "0.2",
+              "--sample-tokens", "256", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "planner: dpq" in printed and "sampled" in printed and str(code_dir) in printed
+    assert {p.name: p.stat().st_mtime_ns for p in lm_dir.iterdir()} == before  # input untouched
+    assert (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.get_input_embeddings(), FittedEmbedding)
+    assert cli(["report", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["totals"]["embedding_ratio"] >= 3
+    assert data["totals"]["weights_bytes_on_disk"] == os.path.getsize(out / "model.safetensors")
+
+
+def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
+    import compemb_hf.cli as cli_module
+
+    loads = []
+    monkeypatch.setattr(cli_module, "_load", lambda d: loads.append(d))
+    (tmp_path / "short.txt").write_text("tiny")
+    cases = [
+        (["--calibration-text", str(tmp_path / "nope.txt")], "does not exist"),
+        (["--calibration-text", str(tmp_path / "short.txt")], "too short for one window"),
+        (["--ratio", "900"], "closest ratio that can be had"),
+        (["--rank", "4"], "--ratio chooses the settings itself"),
+    ]
+    for extra, match in cases:
+        args = ["compress", str(lm_dir), "--method", "dpq", "--out", str(tmp_path / "o")]
+        if "--ratio" not in extra:
+            args += ["--ratio", "3"]
+        assert cli(args + extra) == 2
+        assert match in capsys.readouterr().err
+    assert loads == [] and not (tmp_path / "o").exists()
+
+
+def test_cli_interrupted_run_leaves_no_out_folder(lm_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def boom(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["compress", str(lm_dir), "--method", "tt", "--ratio", "3", "--sample-tokens", "128",
+             "--out", str(tmp_path / "o"), "--quiet"])
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- small by default
+def test_a_dpq_model_not_in_training_saves_codes_unless_asked(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm(200)
+    lm.save_pretrained(tmp_path / "dense")
+    cfg = compemb_hf.CompressedEmbeddingConfig("dpq", num_codes=16, num_groups=8)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", compressed_embedding=cfg)
+    assert not model.training
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "small")
+    assert isinstance(model.get_input_embeddings(), compemb.DPQEmbedding)  # model unchanged
+    model.save_pretrained(tmp_path / "train", compemb_form="train")
+    model.train()
+    model.save_pretrained(tmp_path / "train2")
+    sizes = {n: os.path.getsize(tmp_path / n / "model.safetensors")
+             for n in ("dense", "small", "train", "train2")}
+    table = 200 * 16 * 4
+    assert sizes["dense"] - sizes["small"] > 0.7 * table  # the query table is gone
+    assert sizes["train"] >= sizes["dense"] and sizes["train2"] == sizes["train"]
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert isinstance(small.get_input_embeddings(), compemb.CodebookEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, expect)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "train")
+    assert isinstance(again.get_input_embeddings(), compemb.DPQEmbedding)
+    with pytest.raises(ValueError, match="compemb_form"):
+        model.save_pretrained(tmp_path / "x", compemb_form="codes")
+
+
+def test_decompress_gives_back_a_dense_model_with_the_same_outputs(lm, tokenizer):
+    compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, progress=False)
+    expect = _logits(lm, tokenizer)
+    compemb_hf.decompress(lm)
+    assert isinstance(lm.get_input_embeddings(), torch.nn.Embedding)
+    assert lm.lm_head.bias is not None  # the logit bias, now the dense head's bias
+    torch.testing.assert_close(_logits(lm, tokenizer), expect, rtol=1e-4, atol=1e-4)
