@@ -14,7 +14,7 @@ from torch import nn
 
 import compemb
 
-from .flags import FLAG_TO_OPTION, describe_layer_error, spec_from_args
+from .flags import FLAG_TO_OPTION, LEGACY_RECORD_KEYS, describe_layer_error, spec_from_args
 
 logger = logging.getLogger("fairseq_plugin")
 
@@ -111,8 +111,12 @@ def compression_record(args: Any, softmax: str) -> Dict[str, Any]:
     flag_of = {o: "--" + n.replace("_", "-") for n, o in FLAG_TO_OPTION.items()}
     record: Dict[str, Any] = {"--emb-method": spec.method}
     for key, value in spec.to_dict().items():
-        if key != "method":
-            record[flag_of.get(key, f"({key})")] = value
+        if key == "method":
+            continue
+        flag = flag_of.get(key, f"({key})")
+        if flag == "--emb-no-distance-norm":
+            value = not value
+        record[flag] = value
     if getattr(args, "emb_codebook", False):
         record["--emb-codebook"] = True
     record["--softmax"] = softmax
@@ -142,6 +146,7 @@ class CompressionRecord:
         if saved is None:
             raise ValueError("the checkpoint was not written by a fairseq_plugin (compemb) "
                              "model; it has no record of its compression flags")
+        saved = _upgrade_record(saved)
         if _normalise(saved) != _normalise(self.compemb_record):
             differ = [k for k in sorted(set(saved) | set(self.compemb_record))
                       if _normalise(saved.get(k)) != _normalise(self.compemb_record.get(k))]
@@ -150,6 +155,16 @@ class CompressionRecord:
                 f"differ): it has {_as_text(saved)}; this run has "
                 f"{_as_text(self.compemb_record)}. Pass the checkpoint's flags to load it "
                 f"(or train into a fresh --save-dir)")
+
+
+def _upgrade_record(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A record written before ``temperature``, ``commitment`` and ``distance_norm`` had
+    flags named them ``(temperature)`` ...: the same settings under today's flags."""
+    out = {}
+    for key, value in saved.items():
+        flag = LEGACY_RECORD_KEYS.get(key, key)
+        out[flag] = (not value) if key == "(distance_norm)" else value
+    return out
 
 
 def _normalise(value: Any) -> Any:

@@ -135,6 +135,8 @@ def test_training_logits_train_the_codes_as_eval_scores_them(variant, shared, pa
 @pytest.mark.parametrize("distance_norm,temperature", [(False, 1.0), (True, 0.5), (False, 0.3)])
 def test_gradients_without_normalisation_and_with_temperature(variant, shared, distance_norm,
                                                               temperature):
+    if variant == "vq":  # DPQ-VQ has no temperature (any other value is refused)
+        temperature = 1.0
     layer = _layer(variant, shared, padding_idx=3, distance_norm=distance_norm,
                    temperature=temperature)
     idx = _ids()
@@ -343,7 +345,10 @@ def test_empty_and_all_padding_batches_leave_statistics_alone(variant):
     (dict(variant="gumbel"), r"variant must be one of \['sx', 'vq'\]"),
     (dict(temperature=0.0), "temperature must be a number > 0"),
     (dict(temperature=-1.0), "temperature must be a number > 0"),
-    (dict(commitment=-0.1), "commitment must be a number >= 0"),
+    (dict(commitment=-0.1, variant="vq"), "commitment must be a number >= 0"),
+    # options the variant ignores are refused, naming the option
+    (dict(variant="vq", temperature=0.5), r"temperature=0.5 has no effect with variant='vq'"),
+    (dict(commitment=0.25), r"commitment=0.25 has no effect with variant='sx'"),
     (dict(padding_idx=40), "padding_idx must be an integer in"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -522,3 +527,10 @@ def test_reset_parameters_with_a_std_scales_the_tables_and_keeps_padding():
     assert torch.all(layer.query[3] == 0)
     with pytest.raises(ValueError, match="std must be > 0"):
         layer.reset_parameters(std=0.0)
+
+
+def test_options_the_variant_uses_are_accepted_at_their_defaults():
+    """The defaults (what saved configs hold for every option) pass for both variants."""
+    assert DPQConfig(variant="vq", temperature=1.0, commitment=0.5).commitment == 0.5
+    assert DPQConfig(variant="sx", temperature=0.5, commitment=0.0).temperature == 0.5
+    assert DPQConfig(variant="vq", temperature=1).variant == "vq"

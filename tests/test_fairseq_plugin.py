@@ -194,6 +194,44 @@ def test_flags_map_onto_the_spec():
     assert parse_shape("4,5,2x4,4,4") == ((4, 5, 2), (4, 4, 4))
 
 
+def test_dpq_training_flags_reach_temperature_commitment_and_distance_norm():
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="sx",
+                              emb_temperature=0.5, emb_no_distance_norm=True)
+    config = spec_from_args(args).config
+    assert config.temperature == 0.5 and config.distance_norm is False
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="vq",
+                              emb_commitment=0.25)
+    config = spec_from_args(args).config
+    assert config.commitment == 0.25 and config.distance_norm is True
+    # an option the variant ignores is refused, naming the flag
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="vq",
+                              emb_temperature=0.5)
+    with pytest.raises(ValueError, match=r"temperature=0.5 has no effect with variant='vq'.*"
+                                         r"--emb-temperature"):
+        spec_from_args(args)
+    args = argparse.Namespace(emb_method="tt", emb_rank="4", emb_temperature=0.5)
+    with pytest.raises(ValueError, match="--emb-temperature does not apply to --emb-method tt"):
+        spec_from_args(args)
+
+
+def test_record_of_an_older_checkpoint_still_matches():
+    """Checkpoints written before --emb-temperature/--emb-commitment/--emb-no-distance-norm
+    existed recorded those settings as ``(temperature)`` ...: they still load."""
+    from fairseq_plugin.build import CompressionRecord, compression_record
+
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="sx")
+    model = CompressionRecord()
+    model.compemb_record = compression_record(args, "tied")
+    assert model.compemb_record["--emb-no-distance-norm"] is False
+    old = {k: v for k, v in model.compemb_record.items()
+           if k not in ("--emb-temperature", "--emb-commitment", "--emb-no-distance-norm")}
+    old.update({"(temperature)": 1.0, "(commitment)": 0.0, "(distance_norm)": True})
+    model.set_extra_state({"compemb": old})  # no error
+    old["(temperature)"] = 0.5
+    with pytest.raises(ValueError, match="--emb-temperature differ"):
+        model.set_extra_state({"compemb": old})
+
+
 @pytest.mark.skipif("tt" not in load_methods(), reason="needs compemb.tt registered")
 def test_tt_flags_map_onto_the_spec():
     args = argparse.Namespace(emb_method="tt", emb_rank="2,3", emb_shape="4,5,2x4,4,4",

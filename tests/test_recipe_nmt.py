@@ -178,8 +178,12 @@ def test_fairseq_flags_from_spec():
 
     assert fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"num_codes": 16, "variant": "vq"})) == [
         "--emb-method", "dpq", "--emb-codes", "16", "--emb-variant", "vq"]
-    with pytest.raises(ValueError, match="--temperature has no fairseq_plugin flag"):
-        fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"temperature": 0.5}))
+    assert fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"temperature": 0.5})) == [
+        "--emb-method", "dpq", "--emb-temperature", "0.5"]
+    assert fairseq_method_flags(compemb.EmbeddingSpec(
+        "dpq", {"variant": "vq", "commitment": 0.25, "distance_norm": False})) == [
+        "--emb-method", "dpq", "--emb-variant", "vq", "--emb-commitment", "0.25",
+        "--emb-no-distance-norm"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -205,14 +209,15 @@ def test_method_flag_the_method_cannot_take(bible, tmp_path, capsys):
     assert "--rank cannot be used with --method dpq" in err
 
 
-def test_fairseq_route_refuses_a_setting_it_has_no_flag_for(bible, tmp_path, capsys):
+def test_fairseq_route_refuses_an_option_the_variant_ignores(bible, tmp_path, capsys):
     pytest.importorskip("fairseq")
     from recipes import nmt_fairseq
 
     out = tmp_path / "o"
-    err = _fails_before_training(["--scale", "smoke", "--method", "dpq", "--temperature", "0.5",
-                                  "--out", str(out)], capsys, out, nmt_fairseq)
-    assert "--temperature has no fairseq_plugin flag" in err
+    err = _fails_before_training(["--scale", "smoke", "--method", "dpq", "--variant", "vq",
+                                  "--temperature", "0.5", "--out", str(out)], capsys, out,
+                                 nmt_fairseq)
+    assert "temperature=0.5 has no effect with variant='vq'" in err
 
 
 def test_unwritable_out_stops_before_training(bible, tmp_path, capsys):

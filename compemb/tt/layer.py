@@ -56,7 +56,7 @@ class TensorNetworkEmbedding(nn.Module):
     config_cls: type = TTConfig
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: Rank, shape: ShapeArg = None,
-                 num_factors: int = 3, padding_idx: Optional[int] = None) -> None:
+                 num_factors: Optional[int] = None, padding_idx: Optional[int] = None) -> None:
         super().__init__()
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -166,7 +166,8 @@ class TensorNetworkEmbedding(nn.Module):
     _decompose: Callable[[Tensor, ttm.Shape, Sequence[int]], List[Tensor]]
 
     @classmethod
-    def from_dense(cls, weight: Tensor, rank: Rank, shape: ShapeArg = None, num_factors: int = 3,
+    def from_dense(cls, weight: Tensor, rank: Rank, shape: ShapeArg = None,
+                   num_factors: Optional[int] = None,
                    padding_idx: Optional[int] = None) -> "TensorNetworkEmbedding":
         """A layer whose cores approximate the trained table ``weight [V, J]`` (TT-SVD or
         TR-SVD, see ``_decompose``), on ``weight``'s device and in its dtype; the padding
@@ -239,7 +240,8 @@ class TTEmbedding(TensorNetworkEmbedding):
         rank: an int or the ``N-1`` inner ranks.
         shape: ``((I1..IN), (J1..JN))`` or ``None`` (automatic, see
             :func:`compemb.tt.math.choose_shape`).
-        num_factors: ``N`` when ``shape`` is ``None``.
+        num_factors: ``N`` when ``shape`` is ``None`` (default 3); with a shape, leave it
+            out or give the shape's ``N`` (another value is a ``ValueError``).
         padding_idx: a row that is always zero and gets no gradient.
 
     Attributes: ``cores`` (``nn.ParameterList``), ``shape``, ``ranks`` (the full tuple
