@@ -454,12 +454,28 @@ def _refuse_resize(self, *args: Any, **kwargs: Any):
 def _tolerant_init_weights(self, module: nn.Module) -> None:
     """``_init_weights`` of a compressed model: model classes initialise their embeddings
     by name (T5: ``init.normal_(module.shared.weight)``), and a compressed table has no
-    ``.weight``; such a module keeps the values it has (loaded, or compressed)."""
+    ``.weight``; such a module keeps the values it has (loaded, or compressed).
+
+    Only that one error is absorbed: an ``AttributeError`` for the attribute ``weight``
+    of a compemb module (a compressed table, its ``ScaledEmbedding`` wrapper or an
+    ``OutputLayer`` head) inside ``module``. Any other error, whatever its text, is
+    raised."""
     try:
         type(self)._init_weights(self, module)
     except AttributeError as err:
-        if "weight" not in str(err) or not any(is_compressed_module(m) for m in module.modules()):
+        if not _is_missing_table_weight(err, module):
             raise
+
+
+def _is_missing_table_weight(err: AttributeError, module: nn.Module) -> bool:
+    """``err`` is Python's "``<compemb module>`` has no attribute ``weight``" about a
+    module inside ``module`` (torch's ``Module.__getattr__`` sets ``name`` and ``obj``)."""
+    owner = getattr(err, "obj", None)
+    if getattr(err, "name", None) != "weight" or not isinstance(owner, nn.Module):
+        return False
+    if not (is_compressed_module(owner) or isinstance(owner, (ScaledEmbedding, OutputLayer))):
+        return False
+    return any(m is owner for m in module.modules())
 
 
 def _install_guards(model: nn.Module) -> None:

@@ -403,3 +403,26 @@ def test_dequantize_resize_and_compress_again(family, output, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == 64
     compemb_hf.compress(model, Cfg("tt", rank=4))
     assert model.get_input_embeddings().num_embeddings == 64
+
+
+def test_init_weights_absorbs_only_the_missing_weight_of_a_compressed_table(monkeypatch):
+    model = tiny_model("t5")
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    table = model.get_input_embeddings()
+    before = [c.detach().clone() for c in table.cores]
+    model._init_weights(model)  # T5 initialises module.shared.weight by name: absorbed
+    assert all(torch.equal(b, c) for b, c in zip(before, table.cores))
+
+    def broken(self, module):  # an unrelated error that merely mentions "weight"
+        raise AttributeError("'Linear' object has no attribute 'weight_scale'")
+
+    monkeypatch.setattr(type(model), "_init_weights", broken)
+    with pytest.raises(AttributeError, match="weight_scale"):
+        model._init_weights(model)
+
+    def missing_elsewhere(self, module):  # a real missing attribute of another module
+        return torch.nn.Linear(2, 2).weight_g
+
+    monkeypatch.setattr(type(model), "_init_weights", missing_elsewhere)
+    with pytest.raises(AttributeError, match="weight_g"):
+        model._init_weights(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,8 +18,9 @@ class DenseEmbedding(nn.Embedding):
     compemb layer has: ``materialize``, ``logits``, ``from_dense``."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: Optional[int] = None) -> None:
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+                 padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device,
+                         dtype=dtype)
 
     def materialize(self) -> Tensor:
         """The ``[V, J]`` table."""
@@ -30,6 +32,12 @@ class DenseEmbedding(nn.Embedding):
 
     @classmethod
     def from_dense(cls, weight: Tensor, padding_idx: Optional[int] = None) -> "DenseEmbedding":
-        layer = cls(weight.shape[0], weight.shape[1], padding_idx=padding_idx)
-        layer.weight.data.copy_(weight)
+        """A copy of ``weight [V, J]``, on its device and in its dtype."""
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"weight must be a floating [num_embeddings, embedding_dim] tensor, "
+                             f"got {getattr(weight, 'shape', type(weight).__name__)}")
+        layer = cls(weight.shape[0], weight.shape[1], padding_idx=padding_idx,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
         return layer

@@ -298,7 +298,11 @@ class DPQEmbedding(nn.Module):
         The running statistics are set so that the eval codes are the nearest centroids
         (the k-means assignment): for ``"sx"`` with ``distance_norm`` the running mean of
         code ``k`` is ``||K_k||^2 / 2``, which turns the dot-product argmax into the
-        nearest-centroid one; ``"sx"`` without it picks the largest dot product."""
+        nearest-centroid one; ``"sx"`` without it picks the largest dot product.
+
+        The layer is on ``weight``'s device, its parameters (query, keys, values) in
+        ``weight``'s dtype (k-means runs in float32); the running statistics stay float32
+        (scores are normalised in float32)."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a [num_embeddings, embedding_dim] tensor, got "
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -327,6 +331,9 @@ class DPQEmbedding(nn.Module):
                         num_groups, num_codes))
                 else:
                     layer.running_mean.zero_()
+        if weight.is_floating_point() and weight.dtype != layer.query.dtype:
+            for param in layer.parameters():
+                param.data = param.data.to(weight.dtype)
         return layer
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
