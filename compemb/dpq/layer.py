@@ -215,7 +215,52 @@ class DPQEmbedding(nn.Module):
 
     @torch.no_grad()
     def codes(self, chunk: int = 8192) -> Tensor:
-        """``LongTensor [V, D]``: each symbol's codes as in eval (running statistics)."""
+        """``LongTensor [V, D]``: each symbol's codes as in eval (running statistics).
+
+        In eval mode the result is cached (a plain attribute, not in ``state_dict``) and
+        returned again while the tensors it depends on (query, keys, running statistics)
+        are the same tensors with no change since (their ``_version`` counters and data
+        pointers: an optimizer step, ``copy_``, ``.to()`` or ``load_state_dict`` all
+        invalidate it); ``train()`` and ``load_state_dict`` drop it. So eval
+        :meth:`logits` / :meth:`materialize` cost what the exported form's do. Not
+        cached in training mode, under ``torch.compile`` or for inference tensors. Do
+        not modify the returned tensor in place."""
+        key = self._codes_key()
+        cached = self.__dict__.get("_codes_cache")
+        if key is not None and cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        codes = self._compute_codes(chunk)
+        if key is not None:
+            self.__dict__["_codes_cache"] = (key, codes)
+        return codes
+
+    def _codes_key(self) -> Optional[tuple]:
+        """What the eval codes depend on, as ``(tensor, _version, data_ptr)`` triples;
+        ``None`` where no cache is kept (training, compiling, inference tensors)."""
+        if self.training or torch.compiler.is_compiling():
+            return None
+        tensors = [self.query, self.keys]
+        if self.running_mean is not None:
+            tensors += [self.running_mean, self.running_var]
+        if any(t.is_inference() for t in tensors):
+            return None
+        return tuple((t, t._version, t.data_ptr()) for t in tensors)
+
+    def clear_codes_cache(self) -> None:
+        """Drop the cached eval codes (:meth:`codes`); done by ``train()`` and
+        ``load_state_dict``, and needed by hand only after a change that bypasses
+        autograd's version counters (writing through ``.data`` or another framework)."""
+        self.__dict__.pop("_codes_cache", None)
+
+    def train(self, mode: bool = True) -> "DPQEmbedding":
+        self.clear_codes_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
+        self.clear_codes_cache()
+        return super()._apply(fn, recurse)
+
+    def _compute_codes(self, chunk: int) -> Tensor:
         out = []
         for start in range(0, self.num_embeddings, chunk):
             ids = torch.arange(start, min(start + chunk, self.num_embeddings),
@@ -344,6 +389,7 @@ class DPQEmbedding(nn.Module):
         check_state_shapes(type(self).__name__, expected, state_dict, prefix, error_msgs)
         if len(error_msgs) > before:
             return
+        self.clear_codes_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -360,6 +406,11 @@ class DPQEmbedding(nn.Module):
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
         return s
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Two :meth:`DPQEmbedding._codes_key` values name the same unchanged tensors."""
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
 
 
 def _synced() -> bool:
