@@ -1,7 +1,7 @@
 """DPQEmbedding: an embedding table trained end to end as discrete codes (DPQ-SX/VQ)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,25 @@ class DPQEmbedding(nn.Module):
     With ``distance_norm`` the scores are batch-normalised per (group, code) over the
     mini-batch's tokens (no scale, no shift) in training, with running statistics
     (``running_mean``, ``running_var`` buffers ``[D, Kc]``, momentum 0.1 as in
-    ``nn.BatchNorm``, saved in ``state_dict``) in eval. Under ``torch.distributed`` with
-    several processes the batch statistics are all-reduced, and so are the matching
-    gradient sums in backward (as ``nn.SyncBatchNorm`` does): every process normalises by
-    the global batch and DDP training matches one process on the whole batch.
+    ``nn.BatchNorm``, saved in ``state_dict``) in eval.
+
+    Several processes (``torch.distributed``): with ``sync_statistics=True`` (default) and
+    a ``process_group`` (default ``None``: the default group, all processes) of more than
+    one process, the batch statistics are all-reduced over that group, and so are the
+    matching gradient sums in backward (as ``nn.SyncBatchNorm`` does), and the VQ token
+    count: every process normalises by the group's batch and DDP training matches one
+    process on the whole batch. These all-reduces are collectives: they run in every
+    training-mode forward with autograd or not (``distance_norm``: the scores'
+    statistics; ``"vq"``: the token count), and in the backward of an SX forward with
+    ``distance_norm``; every process of the group must make the same calls, or the ones
+    that do wait for ever. Eval forwards, ``codes()``, ``export()``, and ``logits()`` /
+    ``materialize()`` (which use the running statistics) never all-reduce. For a forward
+    that only some processes run (rank-0-only evaluation in training mode, uneven loops,
+    independent runs per process) pass ``sync_statistics=False`` (each process uses its
+    own batch), or a ``process_group`` of the processes that run it (model-parallel
+    subgroups: the data-parallel group of this table's replicas). Both are attributes and
+    may be changed between forwards. A pickled layer keeps no process group (``None``);
+    a deep copy shares the original's.
 
     Memory: the ``[U, D, Kc]`` scores are handled a few groups at a time and recomputed
     in the backward pass rather than stored, so training keeps ``O(U*d)`` per batch
@@ -68,8 +83,15 @@ class DPQEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codes: int, num_groups: int,
                  variant: str = "sx", shared_subspace: bool = False, distance_norm: bool = True,
                  temperature: float = 1.0, commitment: float = 0.0,
-                 padding_idx: Optional[int] = None) -> None:
+                 padding_idx: Optional[int] = None, *, process_group: Any = None,
+                 sync_statistics: bool = True) -> None:
         super().__init__()
+        if not isinstance(sync_statistics, bool):
+            raise ValueError(f"sync_statistics must be True (all-reduce the batch statistics "
+                             f"over process_group) or False (each process its own), got "
+                             f"{sync_statistics!r}")
+        self.sync_statistics = sync_statistics
+        self.process_group = process_group
         self.config = DPQConfig(num_codes=num_codes, num_groups=num_groups, variant=variant,
                                 shared_subspace=shared_subspace, distance_norm=distance_norm,
                                 temperature=temperature, commitment=commitment)
@@ -119,6 +141,23 @@ class DPQEmbedding(nn.Module):
                 self.running_mean.zero_()
                 self.running_var.fill_(1)
 
+    # ------------------------------------------------------------------ processes
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group the training statistics are all-reduced over
+        (``None``: the default group)."""
+        return self.__dict__["_process_group"].group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.__dict__["_process_group"] = _GroupRef(group)
+
+    def _synced(self) -> bool:
+        """Whether this layer's training statistics are all-reduced now (see the class
+        docstring): ``sync_statistics`` and more than one process in ``process_group``."""
+        return self.sync_statistics and distributed_world_size(self.process_group) > 1
+
     @property
     def keys(self) -> Tensor:
         """``[G, Kc, s]`` keys (the values themselves for ``"vq"``)."""
@@ -132,7 +171,7 @@ class DPQEmbedding(nn.Module):
         argmax of the (normalised) scores, a few groups at a time; in training also
         updates the running statistics."""
         keys = self.keys.detach().float()
-        sync = training and _synced()
+        sync = training and self._synced()
         codes = q.new_empty(q.shape[0], q.shape[1], dtype=torch.long)
         for c in _group_chunks(q.shape[0], q.shape[1], self.num_codes, sync, q.device):
             k = keys if keys.shape[0] == 1 else keys[c]
@@ -145,7 +184,7 @@ class DPQEmbedding(nn.Module):
             if self.running_mean is not None:  # (views: the update lands in the buffers)
                 scores = normalize_scores(scores, weights, self.running_mean[c],
                                           self.running_var[c], training, self.momentum,
-                                          self.eps, sync)
+                                          self.eps, sync, self.process_group)
             codes[c] = scores.argmax(-1)
         return codes
 
@@ -177,8 +216,9 @@ class DPQEmbedding(nn.Module):
                 out = hard
                 if training and self.variant == "vq":
                     count = weights.detach().sum()
-                    if _synced():  # the mean over the global batch, as one process takes
-                        count = all_reduce_(count) / distributed_world_size()
+                    if self._synced():  # the mean over the group's batch, as one process takes
+                        group = self.process_group
+                        count = all_reduce_(count, group) / distributed_world_size(group)
                     out, loss = _VQStraightThrough.apply(q, hard, weights, count,
                                                          CODEBOOK_LOSS_WEIGHT,
                                                          float(self.config.commitment))
@@ -408,15 +448,25 @@ class DPQEmbedding(nn.Module):
         return s
 
 
+class _GroupRef:
+    """Holds a layer's process group: shared by deep copies (a group cannot be copied),
+    ``None`` once pickled (a group belongs to one process)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> "_GroupRef":
+        return self
+
+    def __reduce__(self):
+        return (_GroupRef, (None,))
+
+
 def _same_key(a: tuple, b: tuple) -> bool:
     """Two :meth:`DPQEmbedding._codes_key` values name the same unchanged tensors."""
     return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
 
 
-def _synced() -> bool:
-    """Whether batch statistics are shared between processes (torch.distributed with
-    more than one process)."""
-    return distributed_world_size() > 1
 
 
 def _group_chunks(num_groups: int, rows: int, num_codes: int, sync: bool,
@@ -455,7 +505,8 @@ class _SXStraightThrough(torch.autograd.Function):
     def forward(ctx, q, keys, values, weights, layer, batch_stats=True):
         norm = layer.running_mean is not None
         fixed = norm and not batch_stats  # normalise by the running statistics, as eval does
-        sync = _synced() and not fixed
+        sync = layer._synced() and not fixed
+        group = layer.process_group
         num_groups, rows = q.shape[0], q.shape[1]
         codes = q.new_empty(num_groups, rows, dtype=torch.long)
         means, rstds, variances = [], [], []
@@ -468,7 +519,7 @@ class _SXStraightThrough(torch.autograd.Function):
             if fixed:
                 x.sub_(means[0][c].unsqueeze(1)).mul_(rstds[0][c].unsqueeze(1))
             elif norm:
-                mean, var, count = batch_moments(x, weights, sync)
+                mean, var, count = batch_moments(x, weights, sync, group)
                 rstd = torch.rsqrt(var + layer.eps)
                 x.sub_(mean.unsqueeze(1)).mul_(rstd.unsqueeze(1))
                 means.append(mean), variances.append(var), rstds.append(rstd)
@@ -482,6 +533,7 @@ class _SXStraightThrough(torch.autograd.Function):
             mean = rstd = q.new_zeros(0)
         ctx.save_for_backward(q, keys, values, weights, mean, rstd, count)
         ctx.tau, ctx.sync, ctx.norm, ctx.fixed = layer.config.temperature, sync, norm, fixed
+        ctx.group = group
         ctx.mark_non_differentiable(codes)
         return codes, q.new_zeros(num_groups, rows, values.shape[2])
 
@@ -507,7 +559,7 @@ class _SXStraightThrough(torch.autograd.Function):
             elif ctx.norm:
                 sums = torch.stack([gy.sum(1), (gy * y).sum(1)])  # [2, Dc, Kc]
                 if ctx.sync:
-                    all_reduce_(sums)
+                    all_reduce_(sums, ctx.group)
                 y.mul_(sums[1].unsqueeze(1)).add_(sums[0].unsqueeze(1)).mul_(scale)
                 gx = gy.sub_(y).mul_(rstd[c].unsqueeze(1))
             else:
