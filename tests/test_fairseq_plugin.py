@@ -424,3 +424,26 @@ def test_architecture_sizes(data_dir):
         assert (args.decoder_embed_dim, args.decoder_ffn_embed_dim,
                 args.decoder_attention_heads, args.decoder_layers) == want, arch
         assert not args.adaptive_input and args.adaptive_softmax_cutoff is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+    from fairseq import checkpoint_utils
+
+    from fairseq_plugin.export import export_checkpoint
+
+    good = {"args": None, "cfg": {"model": argparse.Namespace(arch="x", emb_method="dpq")},
+            "model": {"w": torch.ones(300)}}
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save(good, path)
+    with pytest.raises(KeyError, match="best_loss"):  # readable: fairseq's own error stands
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64,
+                      "empty": b""}[damage])
+    message = r"checkpoint_last.pt is not a readable fairseq checkpoint \(corrupt or truncated\?\)"
+    with pytest.raises(ValueError, match=message):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))  # resume, generate, eval-lm ...
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(str(path), str(tmp_path / "out.pt"))
+    assert not (tmp_path / "out.pt").exists()

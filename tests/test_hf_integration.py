@@ -426,3 +426,45 @@ def test_init_weights_absorbs_only_the_missing_weight_of_a_compressed_table(monk
     monkeypatch.setattr(type(model), "_init_weights", missing_elsewhere)
     with pytest.raises(AttributeError, match="weight_g"):
         model._init_weights(model)
+
+
+def _save_as_bin(model, path):
+    """A compressed checkpoint in the older ``pytorch_model.bin`` form."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    return path / "pytorch_model.bin"
+
+
+def test_bin_checkpoint_shapes_are_checked_against_the_config(tmp_path):
+    model = tiny_model("gpt2").eval()
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    _save_as_bin(model, tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = dummy_inputs("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, model(**x).logits)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["rank"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"transformer\.wte\.cores\.\d: checkpoint \(\d+, \d+, \d+, 4\)"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "unsafe"])
+def test_corrupt_bin_checkpoint(tmp_path, damage):
+    model = tiny_model("gpt2")
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    file = _save_as_bin(model, tmp_path)
+    data = file.read_bytes()
+    if damage == "unsafe":  # a pickled object that weights_only loading refuses
+        torch.save({"x": torch.nn.Linear(2, 2)}, file)
+    else:
+        file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a readable PyTorch .bin "
+                                         "checkpoint"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path)
