@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_indices
+
 
 @dataclass(frozen=True)
 class DenseConfig:
@@ -26,13 +28,33 @@ class DenseEmbedding(nn.Embedding):
         """The ``[V, J]`` table."""
         return self.weight
 
+    def forward(self, input: Tensor) -> Tensor:
+        """``LongTensor [...] -> [..., J]``, with the indices checked as every compemb
+        layer checks them (``ValueError`` for a non-integer tensor, ``IndexError`` naming
+        an index out of range)."""
+        check_indices(input, self.num_embeddings)
+        return super().forward(input)
+
     def logits(self, hidden: Tensor) -> Tensor:
-        """``hidden [..., J] -> [..., V]``."""
+        """``hidden [..., J] -> [..., V]``; ``ValueError`` for another last dimension."""
+        if hidden.shape[-1] != self.embedding_dim:
+            raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
+                             f"embedding_dim={self.embedding_dim}")
         return F.linear(hidden, self.weight)
+
+    def storage(self) -> None:
+        """``None``: the plain table is not a compressed layer for
+        :func:`compemb.compression_report` (its tensors count as the model's others)."""
+        return None
+
+    def export(self) -> "DenseEmbedding":
+        """The inference form: the layer itself (it stores the table as it is)."""
+        return self
 
     @classmethod
     def from_dense(cls, weight: Tensor, padding_idx: Optional[int] = None) -> "DenseEmbedding":
-        """A copy of ``weight [V, J]``, on its device and in its dtype."""
+        """A copy of ``weight [V, J]``, on its device and in its dtype; the padding row
+        is zeroed, as every compemb layer's is."""
         if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"weight must be a floating [num_embeddings, embedding_dim] tensor, "
                              f"got {getattr(weight, 'shape', type(weight).__name__)}")
@@ -40,4 +62,6 @@ class DenseEmbedding(nn.Embedding):
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
+            if layer.padding_idx is not None:
+                layer.weight[layer.padding_idx].zero_()
         return layer

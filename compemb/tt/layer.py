@@ -189,6 +189,11 @@ class TensorNetworkEmbedding(nn.Module):
                 param.copy_(core)
         return layer
 
+    def export(self) -> "TensorNetworkEmbedding":
+        """The inference form: the layer itself (training and inference store the same
+        cores)."""
+        return self
+
     # ------------------------------------------------------------------ reporting, loading
     def storage(self) -> LayerStorage:
         params = sum(c.numel() for c in self.cores)
