@@ -27,8 +27,9 @@ class EmbeddingLayer(Protocol):
         padding_idx: ``None`` or a row in ``[0, V)`` that is always zero (and gets no
             gradient), as in ``nn.Embedding``.
 
-    Construction: ``layer_cls(V, J, **config_fields, padding_idx=...)`` draws a fresh
-    table; :meth:`from_dense` starts from a trained one. ``isinstance(x, EmbeddingLayer)``
+    Construction: ``layer_cls(V, J, **config_fields, padding_idx=..., init_std=...)``
+    draws a fresh table (``init_std``: the init rule of :mod:`compemb.init`);
+    :meth:`from_dense` starts from a trained one. ``isinstance(x, EmbeddingLayer)``
     checks only that the members exist.
     """
 
@@ -56,6 +57,12 @@ class EmbeddingLayer(Protocol):
         """What the layer's inference form stores (:class:`compemb.LayerStorage`, for
         :func:`compemb.compression_report`); ``None`` for the plain dense table, which
         is not reported as compressed."""
+        ...
+
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """A fresh draw: the method's own init (``std=None``), or the init rule of
+        :mod:`compemb.init` (the table's rows at std ``std``, the host's dense table's);
+        the constructor takes the same as ``init_std``."""
         ...
 
     def export(self) -> nn.Module:

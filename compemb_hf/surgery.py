@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from compemb import DPQEmbedding, OutputLayer, build_embedding, compress_embedding
+from compemb import OutputLayer, build_embedding, compress_embedding
 
 from .config import CompressedEmbeddingConfig
 
@@ -203,14 +203,15 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
                              "on the meta device; load it first or use init='random'")
         layer = compress_embedding(spec, weight.detach().float(), padding_idx=padding_idx)
     else:
+        # the core's init rule (compemb.init): every method starts at the std of the table it
+        # replaces (BERT: N(0, 0.02)); DPQ's own N(0, 1) gave a tied head logits ~50x too
+        # large (a BERT MLM started at loss 16.6, not ln V), TT's Glorot std is the
+        # vocabulary's, not the model's. On meta (inside from_pretrained: values about to be
+        # loaded) there is no std to read, and the method's own init is kept.
+        std = (float(weight.detach().float().std()) if weight.device.type != "meta"
+               and weight.numel() > 1 else 0.0)
         layer = build_embedding(spec, int(weight.shape[0]), int(weight.shape[1]),
-                                padding_idx=padding_idx)
-        if isinstance(layer, DPQEmbedding) and weight.device.type != "meta":
-            # at the scale of the table it replaces (BERT: N(0, 0.02)): DPQ's own N(0, 1) gave
-            # a tied head logits ~50x too large (a BERT MLM started at loss 16.6, not ln V)
-            std = float(weight.detach().float().std())
-            if std > 0:
-                layer.reset_parameters(std=std)
+                                padding_idx=padding_idx, init_std=std if std > 0 else None)
     if weight.device.type != "meta":  # on meta (inside from_pretrained) it stays there
         layer = layer.to(weight.device)
     if weight.dtype != torch.float32 and weight.is_floating_point():

@@ -163,8 +163,9 @@ def collate(items: List[tuple]) -> Dict[str, Tensor]:
 def build_model(spec: compemb.EmbeddingSpec, vocab_size: int, scale: Dict, output: str = "tied") -> nn.Module:
     """An ``MBartForConditionalGeneration`` from a config: one embedding shared by encoder
     and decoder, the softmax tied to it or (``output="untied"``) its own table of the same
-    shape, both compressed per ``spec`` (a dense spec leaves the tables dense); token tables
-    drawn by :func:`init_token_tables`."""
+    shape, both compressed per ``spec`` (a dense spec leaves the tables dense); the dense
+    token tables are drawn by :func:`init_token_tables` before the compression, and the
+    compressed ones start at their std by the core's init rule (:mod:`compemb.init`)."""
     import transformers as tf
 
     import compemb_hf
@@ -184,36 +185,31 @@ def build_model(spec: compemb.EmbeddingSpec, vocab_size: int, scale: Dict, outpu
     gen.decoder_start_token_id, gen.pad_token_id, gen.eos_token_id = PAD_ID, PAD_ID, EOS_ID
     gen.bos_token_id, gen.forced_eos_token_id, gen.bad_words_ids = BOS_ID, None, None
     gen.max_length, gen.num_beams = None, scale["beam"]
+    init_token_tables(model, scale["d_model"] ** -0.5,
+                      untied_head=output == "untied" and spec.method != "dense")
     if spec.method != "dense":
         options = {k: v for k, v in spec.to_dict().items() if k != "method"}
         model = compemb_hf.compress(model, compemb_hf.CompressedEmbeddingConfig(
             spec.method, output=output, init="random", **options))
-    init_token_tables(model, scale["d_model"] ** -0.5)
     return model
 
 
-def init_token_tables(model: nn.Module, std: float) -> None:
-    """Token tables (dense, TT/TR, DPQ) drawn at row std ``std`` (fairseq's Transformer:
-    ``d_model ** -0.5``, so that the embedding times ``sqrt(d_model)`` is of the size of the
-    sinusoidal positions). With transformers' default (0.02) or the TT paper's Glorot init
-    the positions drown the tokens in the post-LN encoder: measured at small scale, the
-    encoder output no longer depended on the source after 800 steps. TT/TR cores keep their
-    eq. (2) shape and are scaled by a common factor; DPQ draws query, keys and values at
-    ``std`` (``reset_parameters``); the padding row stays zero."""
-    import compemb_hf
-
-    layers = list(compemb_hf.compressed_layers(model).values()) or [model.get_input_embeddings()]
+def init_token_tables(model: nn.Module, std: float, untied_head: bool = False) -> None:
+    """The dense token table (and, with ``untied_head``, the head's own) drawn at row std
+    ``std`` (fairseq's Transformer: ``d_model ** -0.5``, so that the embedding times
+    ``sqrt(d_model)`` is of the size of the sinusoidal positions); the padding row stays
+    zero. Called before ``compemb_hf.compress``, whose fresh tables of every method then
+    start at the std of the table they replace (the core's init rule, no rescaling here).
+    With transformers' default (0.02) or the TT paper's Glorot init the positions drown
+    the tokens in the post-LN encoder: measured at small scale, the encoder output no
+    longer depended on the source after 800 steps."""
+    embedding = model.get_input_embeddings()
     with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, compemb.DPQEmbedding):
-                layer.reset_parameters(std=std)
-            elif isinstance(layer, nn.Embedding):
-                nn.init.normal_(layer.weight, std=std)
-                if layer.padding_idx is not None:
-                    layer.weight[layer.padding_idx].zero_()
-            elif hasattr(layer, "rescale_"):
-                layer.reset_parameters()
-                layer.rescale_(std)
+        nn.init.normal_(embedding.weight, std=std)
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+        if untied_head:
+            nn.init.normal_(model.get_output_embeddings().weight, std=std)
 
 
 def embedding_tables(model: nn.Module) -> List[nn.Module]:

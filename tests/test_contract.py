@@ -62,3 +62,23 @@ def test_every_registered_method_keeps_the_layer_contract(method):
     from_dense.train()
     from_dense.logits(torch.randn(3, J, dtype=torch.float64)).logsumexp(-1).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in from_dense.parameters())
+
+
+@pytest.mark.parametrize("method", _core_methods())
+@pytest.mark.parametrize("std", [0.02, 0.3])
+def test_the_init_rule_starts_every_method_at_the_hosts_std(method, std):
+    """``build_embedding(..., init_std=s)``: the table of every method has std ``s`` (TT/TR
+    at the Glorot std, DPQ and dense at 1 without it); the padding row stays zero."""
+    torch.manual_seed(0)
+    spec = compemb.EmbeddingSpec(method, OPTIONS.get(method, {}))
+    layer = compemb.build_embedding(spec, 400, J, padding_idx=PAD, init_std=std)
+    with torch.no_grad():
+        table = layer.materialize()
+    assert float(table.std()) == pytest.approx(std, rel=0.15)
+    assert torch.all(table[PAD] == 0)
+    with pytest.raises(ValueError, match="init_std must be > 0"):
+        compemb.build_embedding(spec, 400, J, init_std=0.0)
+    torch.manual_seed(1)
+    layer.reset_parameters(std=std / 2)
+    with torch.no_grad():
+        assert float(layer.materialize().std()) == pytest.approx(std / 2, rel=0.15)

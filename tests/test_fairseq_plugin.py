@@ -172,15 +172,29 @@ def test_dpq_gets_fairseq_init_scale(data_dir):
     assert 0.5 * 64 ** -0.5 < table.std().item() < 2 * 64 ** -0.5
 
 
-def test_roberta_keeps_the_methods_init(data_dir):
-    """RobertaModel re-initialises nn.Linear/nn.Embedding BERT-style (std 0.02); the
-    compressed layers keep theirs."""
+@pytest.mark.parametrize("method", ["dpq", "tt", "dense"])
+def test_roberta_tables_start_at_its_dense_std_and_keep_their_structure(data_dir, method):
+    """RobertaModel re-initialises nn.Linear/nn.Embedding BERT-style (std 0.02): by the
+    core's init rule every method's table starts at that std, and the compressed layers
+    keep their structure (DPQ: keys and values drawn at it, not re-drawn by RoBERTa)."""
     torch.manual_seed(0)
-    model, _ = build(data_dir, "masked_lm", "compemb_roberta_tiny", "--emb-method", "dpq",
-                     *METHOD_FLAGS["dpq"])
-    std = model.encoder.sentence_encoder.embed_tokens.values.std().item()
-    assert abs(std - 64 ** -0.5) < 0.04 and abs(std - 0.02) > 0.05
+    model, _ = build(data_dir, "masked_lm", "compemb_roberta_tiny", "--emb-method", method,
+                     *METHOD_FLAGS.get(method, []))
+    table = model.encoder.sentence_encoder.embed_tokens
+    weight = table.weight if method == "dense" else table.materialize()
+    assert abs(weight.std().item() - 0.02) < 0.004, weight.std().item()
+    if method == "dpq":
+        assert abs(table.key_weight.std().item() - 0.02) < 0.004
     assert abs(model.encoder.lm_head.dense.weight.std().item() - 0.02) < 0.005
+
+
+def test_tt_tables_start_at_fairseqs_embedding_std(data_dir):
+    """The core's init rule: a TT table of the Transformer starts at fairseq's
+    ``dim**-0.5``, as the dense and DPQ ones do (it started at the Glorot std before)."""
+    model, _ = build(data_dir, "translation", "compemb_transformer_tiny", "--emb-method", "tt",
+                     *METHOD_FLAGS["tt"])
+    table = model.encoder.embed_tokens.materialize()
+    assert table.std().item() == pytest.approx(64 ** -0.5, rel=0.05)
 
 
 def test_flags_map_onto_the_spec():

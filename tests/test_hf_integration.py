@@ -125,6 +125,19 @@ def test_pretrained_init_reproduces_the_dense_model_at_full_rank(tmp_path):
     assert not torch.allclose(_logits(rand, "bert-mlm"), _logits(dense, "bert-mlm"), atol=1e-2)
 
 
+@pytest.mark.parametrize("method", ["tt", "tr", "dense"])
+def test_random_tables_of_every_method_start_at_the_std_of_the_table_they_replace(method):
+    """The core's init rule: TT/TR (Glorot before) and dense (N(0, 1) before) too."""
+    torch.manual_seed(0)
+    model = tiny_model("bert-mlm")
+    std = model.get_input_embeddings().weight.std().item()
+    options = {"tt": dict(rank=4), "tr": dict(rank=2), "dense": {}}[method]
+    compemb_hf.compress(model, Cfg(method, init="random", **options))
+    table = model.get_input_embeddings()
+    with torch.no_grad():
+        assert table.materialize().std().item() == pytest.approx(std, rel=0.05)
+
+
 @pytest.mark.parametrize("variant", ["sx", "vq"])
 def test_random_dpq_tables_start_at_the_scale_of_the_table_they_replace(variant):
     torch.manual_seed(0)

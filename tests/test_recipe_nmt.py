@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import compemb
 from recipes import nmt
@@ -226,3 +227,26 @@ def test_unwritable_out_stops_before_training(bible, tmp_path, capsys):
     err = _fails_before_training(["--scale", "smoke", "--out", str(blocker / "run")], capsys,
                                  blocker / "run")
     assert "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("spec,output", [
+    ({"method": "tt", "rank": 4}, "tied"), ({"method": "tt", "rank": 4}, "untied"),
+    ({"method": "dpq", "num_codes": 8, "num_groups": 8}, "tied"), ({"method": "dense"}, "tied"),
+])
+def test_token_tables_start_at_the_dense_std_by_the_core_rule(spec, output):
+    """The recipe draws its dense token table at d_model**-0.5; the compressed tables start
+    at that std through compemb_hf (the core's init rule), with no rescaling of its own."""
+    import compemb_hf
+
+    torch.manual_seed(0)
+    scale = nmt.SCALES["smoke"]
+    model = nmt.build_model(compemb.EmbeddingSpec.from_dict(spec), 300, scale, output=output)
+    tables = [model.get_input_embeddings()]
+    if output == "untied":
+        tables.append(model.get_output_embeddings().table)
+    for table in tables:
+        table = getattr(table, "embedding", table)  # a ScaledEmbedding's table
+        with torch.no_grad():
+            weight = table.weight if isinstance(table, torch.nn.Embedding) else table.materialize()
+        assert weight.std().item() == pytest.approx(scale["d_model"] ** -0.5, rel=0.1)
+    assert compemb_hf.is_compressed(model) == (spec["method"] != "dense")

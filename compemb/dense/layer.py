@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_indices
+from ..init import check_init_std
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,25 @@ class DenseEmbedding(nn.Embedding):
     compemb layer has: ``materialize``, ``logits``, ``from_dense``."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: Optional[int] = None, device=None, dtype=None) -> None:
+                 padding_idx: Optional[int] = None, device=None, dtype=None,
+                 init_std: Optional[float] = None) -> None:
+        check_init_std(init_std)
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device,
                          dtype=dtype)
+        if init_std is not None and init_std != 1.0:  # (N(0, 1): drawn already)
+            self.reset_parameters(std=init_std)
+
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """``N(0, 1)`` as ``nn.Embedding`` (``std=None``), or ``N(0, std^2)`` (the init rule
+        of :mod:`compemb.init`); the padding row zero."""
+        if std is None:
+            super().reset_parameters()
+            return
+        check_init_std(std, "std")
+        with torch.no_grad():
+            nn.init.normal_(self.weight, mean=0.0, std=std)
+            if self.padding_idx is not None:
+                self.weight[self.padding_idx].zero_()
 
     def materialize(self) -> Tensor:
         """The ``[V, J]`` table."""

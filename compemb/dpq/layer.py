@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
 from .codebook import CodebookEmbedding, _check_padding, table_logits
+from ..init import check_init_std
 from .config import DPQConfig
 from .math import (check_groups, code_bits, codebook_index, codebook_storage_bytes,
                    distributed_world_size, kmeans, all_reduce_, batch_moments,
@@ -84,8 +85,9 @@ class DPQEmbedding(nn.Module):
                  variant: str = "sx", shared_subspace: bool = False, distance_norm: bool = True,
                  temperature: float = 1.0, commitment: float = 0.0,
                  padding_idx: Optional[int] = None, *, process_group: Any = None,
-                 sync_statistics: bool = True) -> None:
+                 sync_statistics: bool = True, init_std: Optional[float] = None) -> None:
         super().__init__()
+        check_init_std(init_std)
         if not isinstance(sync_statistics, bool):
             raise ValueError(f"sync_statistics must be True (all-reduce the batch statistics "
                              f"over process_group) or False (each process its own), got "
@@ -122,14 +124,18 @@ class DPQEmbedding(nn.Module):
             self.register_buffer("running_var", None)
         self.codebook_loss: Optional[Tensor] = None
         self.reset_parameters()
+        # (a second draw after the N(0, 1) one: the random stream the entry points drew
+        # before the rule was in the core; none when N(0, 1) is the host's scale too)
+        if init_std is not None and init_std != 1.0:
+            self.reset_parameters(std=init_std)
 
     def reset_parameters(self, std: float = 1.0) -> None:
         """Query, keys and values ~ N(0, std^2) (``std=1`` as ``nn.Embedding``); running
-        stats reset. Frameworks that start their tables smaller (fairseq: ``dim**-0.5``,
-        Transformer-XL: ``init_std``) pass their std: a common scale leaves the codes as
-        they are and gives output rows of that std."""
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
+        stats reset. The init rule (:mod:`compemb.init`): hosts pass the std they give their
+        own dense tables (fairseq: ``dim**-0.5``, Transformer-XL: ``init_std``, transformers:
+        the replaced table's); a common scale leaves the codes as they are and gives output
+        rows of that std."""
+        check_init_std(std, "std")
         with torch.no_grad():
             nn.init.normal_(self.query, std=std)
             nn.init.normal_(self.values, std=std)
