@@ -89,7 +89,7 @@ class TensorNetworkEmbedding(nn.Module):
         with torch.no_grad():
             for core in self.cores:
                 core.normal_(0.0, scale)
-        if std is not None:
+        if std is not None and not self.cores[0].is_meta:  # (meta: no values to scale)
             self.rescale_(std)
 
     @torch.no_grad()
