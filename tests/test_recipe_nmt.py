@@ -250,3 +250,34 @@ def test_token_tables_start_at_the_dense_std_by_the_core_rule(spec, output):
             weight = table.weight if isinstance(table, torch.nn.Embedding) else table.materialize()
         assert weight.std().item() == pytest.approx(scale["d_model"] ** -0.5, rel=0.1)
     assert compemb_hf.is_compressed(model) == (spec["method"] != "dense")
+
+
+def test_resume_continues_a_crashed_run_as_if_uninterrupted(bible, tmp_path, monkeypatch):
+    """--resume: the same batches (across an epoch boundary), steps and final model."""
+    argv = ["--scale", "smoke", "--method", "dpq", "--num-codes", "8", "--num-groups", "8",
+            "--threads", "1", "--no-progress", "--max-steps", "10", "--checkpoint-every", "7"]
+    whole = tmp_path / "whole"
+    nmt.main([*argv, "--out", str(whole)])
+    expected = _results(whole)
+    assert not (whole / "train_state.pt").exists()
+    calls = []
+    loss = nmt.smoothed_loss
+
+    def crash_at_step_9(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("simulated crash")
+        return loss(*args, **kwargs)
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr(nmt, "smoothed_loss", crash_at_step_9)
+        nmt.main([*argv, "--out", str(out)])
+    assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
+    nmt.main([*argv, "--resume", "--out", str(out)])
+    resumed = _results(out)
+    assert resumed["valid_loss"] == expected["valid_loss"] and resumed["steps"] == 10
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "train_state.pt").exists()

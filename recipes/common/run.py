@@ -308,7 +308,13 @@ class TrainingState:
             raise ValueError(f"--resume: {self.path} was written by a run with other settings "
                              f"({', '.join(differ)} differ); resume with that run's flags or "
                              f"use another --out")
-        self.accelerator.unwrap_model(model).load_state_dict(state["model"])
+        target = self.accelerator.unwrap_model(model)
+        # the keys state_dict() gives (a compressed transformers model leaves out the
+        # buffers of a table's aliases, which strict loading would call missing)
+        if set(state["model"]) != set(target.state_dict()):
+            raise ValueError(f"--resume: {self.path} does not hold this model's tensors; use "
+                             f"another --out")
+        target.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
