@@ -255,7 +255,9 @@ def test_token_tables_start_at_the_dense_std_by_the_core_rule(spec, output):
 def test_resume_continues_a_crashed_run_as_if_uninterrupted(bible, tmp_path, monkeypatch):
     """--resume: the same batches (across an epoch boundary), steps and final model."""
     argv = ["--scale", "smoke", "--method", "dpq", "--num-codes", "8", "--num-groups", "8",
-            "--threads", "1", "--no-progress", "--max-steps", "10", "--checkpoint-every", "7"]
+            "--threads", "1", "--no-progress", "--max-steps", "15", "--checkpoint-every", "13"]
+    # smoke: 192 training pairs in batches of 16, 12 steps an epoch: saved at step 13 (the
+    # second epoch's first batch), crashed at step 14
     whole = tmp_path / "whole"
     nmt.main([*argv, "--out", str(whole)])
     expected = _results(whole)
@@ -263,20 +265,20 @@ def test_resume_continues_a_crashed_run_as_if_uninterrupted(bible, tmp_path, mon
     calls = []
     loss = nmt.smoothed_loss
 
-    def crash_at_step_9(*args, **kwargs):
+    def crash_at_step_14(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 9:
+        if len(calls) == 14:
             raise RuntimeError("simulated crash")
         return loss(*args, **kwargs)
 
     out = tmp_path / "crashed"
     with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
-        patch.setattr(nmt, "smoothed_loss", crash_at_step_9)
+        patch.setattr(nmt, "smoothed_loss", crash_at_step_14)
         nmt.main([*argv, "--out", str(out)])
     assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
     nmt.main([*argv, "--resume", "--out", str(out)])
     resumed = _results(out)
-    assert resumed["valid_loss"] == expected["valid_loss"] and resumed["steps"] == 10
+    assert resumed["valid_loss"] == expected["valid_loss"] and resumed["steps"] == 15
     a = torch.load(whole / "model.pt", weights_only=True)
     b = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
