@@ -5,7 +5,7 @@
 # when its folder has results.json (written at the end of a run): such runs are skipped
 # (delete results.json or the folder to run one again). A run without it (never started, or
 # crashed: log.txt but no results.json) is started again; the tasks with long training
-# loops (lstm_lm, transfo_xl_lm, nmt) get --resume and continue from the train_state.pt of the
+# loops (lstm_lm, transfo_xl_lm, nmt, bert_mlm) get --resume and continue from the train_state.pt of the
 # crashed run. A run being trained by another invocation (it holds the folder's .lock,
 # flock) is skipped. A crashed run's log is kept as log.txt.1, log.txt.2, ...
 #   recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|nmt_fairseq|bert_mlm [RUNS_DIR]     (JOBS=2 runs two at a time)
@@ -132,7 +132,7 @@ case "$task" in
   *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
 case "$task" in
-  lstm_lm|transfo_xl_lm|nmt) resume=--resume ;;
+  lstm_lm|transfo_xl_lm|nmt|bert_mlm) resume=--resume ;;
   *) resume= ;;
 esac
 for entry in "${grid[@]}"; do
