@@ -63,9 +63,10 @@ def allow_fairseq_checkpoints() -> None:
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)
 
 
-# errors torch.load raises for a damaged file (zip reader, pickle stream, short read)
+# errors torch.load raises for a damaged file (zip reader, pickle stream, short read); not
+# OSError: a missing or unreadable file (permissions) keeps its own error
 _DAMAGE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
-           IndexError, KeyError, OSError)
+           IndexError, KeyError)
 
 
 def _refused_by_safe_loading(err: BaseException) -> bool:
@@ -85,15 +86,13 @@ def _damaged(path: str, err: BaseException) -> ValueError:
 def read_checkpoint(path: str) -> Any:
     """``torch.load(path, map_location="cpu")`` with safe (``weights_only``) loading and
     the fairseq allowlist; a damaged file is a ``ValueError`` naming it. A file holding
-    objects outside the allowlist keeps torch's ``UnpicklingError``; a missing one its
-    ``FileNotFoundError``."""
+    objects outside the allowlist keeps torch's ``UnpicklingError``, a missing or
+    unreadable one its ``OSError``."""
     import torch
 
     allow_fairseq_checkpoints()
     try:
         return torch.load(path, map_location="cpu")
-    except FileNotFoundError:
-        raise
     except _DAMAGE as err:
         if _refused_by_safe_loading(err):
             raise
@@ -114,7 +113,7 @@ def clear_load_errors(load: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return load(path, *args, **kwargs)
         except _DAMAGE as err:
-            if _refused_by_safe_loading(err) or isinstance(err, FileNotFoundError):
+            if _refused_by_safe_loading(err):
                 raise
             try:
                 read_checkpoint(path)

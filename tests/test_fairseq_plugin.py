@@ -461,3 +461,5 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
     with pytest.raises(ValueError, match=message):
         export_checkpoint(str(path), str(tmp_path / "out.pt"))
     assert not (tmp_path / "out.pt").exists()
+    with pytest.raises(FileNotFoundError):  # not damage: the error stays what it was
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "missing.pt"))
