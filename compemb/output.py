@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OutputLayer", "embedding_logits", "forward_method"]
+__all__ = ["OutputLayer", "embedding_logits", "forward_method", "check_tied_heads"]
 
 
 def forward_method(module: nn.Module, name: str):
@@ -128,6 +128,23 @@ class OutputLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.embedding_dim} -> {self.num_embeddings}, tied={self.tied}, "
                 f"bias={self.bias is not None}")
+
+
+def check_tied_heads(model: nn.Module) -> None:
+    """``ValueError`` naming every :class:`OutputLayer` built with ``tied=True`` in
+    ``model`` whose table is not a sub-module of ``model``: its parameters would be in
+    neither ``model.parameters()`` (never trained) nor ``model.state_dict()`` (never
+    saved). :func:`compemb.compression_report` runs this check."""
+    inside = {id(m) for m in model.modules()}
+    lost = [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, OutputLayer) and m.tied is True and id(m.table) not in inside]
+    if lost:
+        raise ValueError(
+            f"OutputLayer(tied=True) at {', '.join(lost)} references a table that is not a "
+            f"sub-module of {type(model).__name__}: its parameters are neither trained (not in "
+            f"model.parameters()) nor saved (not in state_dict()); build the head with "
+            f"tied=None (the default: registered, saved once when it is the input embedding) "
+            f"or tied=False, or register the table in the model")
 
 
 # ---------------------------------------------------------------- tied=None: save the table once

@@ -144,3 +144,20 @@ def test_default_head_survives_deepcopy_and_pickling():
 def test_tied_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="tied must be None"):
         compemb.OutputLayer(nn.Embedding(5, 3), tied="yes")
+
+
+def test_a_tied_head_whose_table_is_not_in_the_model_is_reported():
+    """tied=True only references the table: if the model does not register it elsewhere,
+    its parameters would be lost; compression_report (and check_tied_heads) say so."""
+    from compemb.output import check_tied_heads
+
+    model = nn.Module()
+    model.head = compemb.OutputLayer(compemb.TTEmbedding(40, 8, rank=2), tied=True)
+    assert len(list(model.parameters())) == 0  # what the check is about
+    with pytest.raises(ValueError, match=r"OutputLayer\(tied=True\) at head .*neither trained"):
+        check_tied_heads(model)
+    with pytest.raises(ValueError, match="tied=None"):
+        compemb.compression_report(model)
+    model.embed = model.head.table  # registered: fine
+    check_tied_heads(model)
+    assert compemb.compression_report(model).rows[0].name == "embed"
