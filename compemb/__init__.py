@@ -5,6 +5,7 @@ own sub-package and registers itself (``compemb/registry.py``) on import.
 """
 from . import dense, dpq, tr, tt  # noqa: F401  (each registers its method)
 from .checks import check_indices
+from .contract import EmbeddingLayer
 from .dense import DenseConfig, DenseEmbedding
 from .dpq import CodebookEmbedding, DPQConfig, DPQEmbedding
 from .output import OutputLayer
@@ -22,5 +23,5 @@ __all__ = [
     "TTConfig", "TRConfig", "DPQConfig", "DenseConfig",
     "OutputLayer", "EmbeddingSpec", "build_embedding", "compress_embedding", "plan",
     "compression_report", "CompressionReport", "LayerStorage",
-    "register_method", "get_method", "available_methods", "check_indices",
+    "register_method", "get_method", "available_methods", "check_indices", "EmbeddingLayer",
 ]

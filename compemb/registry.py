@@ -31,7 +31,8 @@ class Method:
         config_cls: dataclass holding the method's parameters; its field names are the
             keyword names of ``layer_cls`` after ``(num_embeddings, embedding_dim)``.
         layer_cls: the module; called as
-            ``layer_cls(num_embeddings, embedding_dim, **fields, padding_idx=...)`` and,
+            ``layer_cls(num_embeddings, embedding_dim, **fields, padding_idx=...)`` (and
+            ``init_std=...``, the init rule of :mod:`compemb.init`) and,
             for a start from a trained table, ``layer_cls.from_dense(weight, **fields,
             padding_idx=...)``.
         plan: optional ``plan(num_embeddings, embedding_dim, target_ratio) -> config``
@@ -57,9 +58,12 @@ class Method:
         return self.config_cls(**options)
 
     def build(self, config: Any, num_embeddings: int, embedding_dim: int,
-              padding_idx: Optional[int] = None) -> nn.Module:
+              padding_idx: Optional[int] = None, init_std: Optional[float] = None) -> nn.Module:
+        """A fresh layer; with ``init_std`` it starts at that row std (the init rule of
+        :mod:`compemb.init`; the layer class takes ``init_std`` as a keyword)."""
+        extra = {} if init_std is None else {"init_std": init_std}
         return self.layer_cls(num_embeddings, embedding_dim, **_fields(config),
-                              padding_idx=padding_idx)
+                              padding_idx=padding_idx, **extra)
 
     def from_dense(self, config: Any, weight: Tensor,
                    padding_idx: Optional[int] = None) -> nn.Module:

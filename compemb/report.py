@@ -151,7 +151,11 @@ def _human(n: int) -> str:
 def compression_report(module: nn.Module) -> CompressionReport:
     """Report every compressed layer in ``module`` (any sub-module with a ``storage()``
     method returning :class:`LayerStorage`) and the model's totals. Tensors shared
-    between modules (tied weights) are counted once."""
+    between modules (tied weights) are counted once. ``ValueError`` for a tied softmax
+    head whose table is not in ``module`` (:func:`compemb.output.check_tied_heads`)."""
+    from .output import check_tied_heads
+
+    check_tied_heads(module)
     rows: List[ReportRow] = []
     inner: Set[int] = set()  # ids of the tensors held by compressed layers
     skip: List[str] = []  # name prefixes of compressed layers (their children are theirs)

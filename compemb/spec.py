@@ -85,11 +85,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def build_embedding(spec: EmbeddingSpec, num_embeddings: int, embedding_dim: int,
-                    padding_idx: Optional[int] = None) -> nn.Module:
-    """A freshly initialised layer for a ``num_embeddings`` x ``embedding_dim`` table."""
+                    padding_idx: Optional[int] = None, init_std: Optional[float] = None
+                    ) -> nn.Module:
+    """A freshly initialised layer for a ``num_embeddings`` x ``embedding_dim`` table.
+
+    ``init_std``: the row std the host model gives its own dense embedding table; the
+    table then starts at that std whatever the method (the one init rule,
+    :mod:`compemb.init`). ``None``: the method's own init (TT/TR Glorot, DPQ N(0, 1))."""
     if isinstance(spec, Mapping):
         spec = EmbeddingSpec.from_dict(spec)
-    return get_method(spec.method).build(spec.config, num_embeddings, embedding_dim, padding_idx)
+    return get_method(spec.method).build(spec.config, num_embeddings, embedding_dim, padding_idx,
+                                         init_std=init_std)
 
 
 def compress_embedding(spec: EmbeddingSpec, weight: Tensor,

@@ -108,10 +108,11 @@ def _describe(config: CompressedEmbeddingConfig) -> str:
 
 def check_checkpoint_shapes(model: nn.Module, files: List[str],
                             config: CompressedEmbeddingConfig) -> None:
-    """Compare the compressed layers' tensors with the checkpoint's safetensors headers;
-    ``ValueError`` naming the tensor, both shapes and the config for any disagreement, and
-    for a file that is not a readable safetensors file."""
-    from safetensors import safe_open
+    """Compare the compressed layers' tensors with the checkpoint files' tensors
+    (``.safetensors``: their headers; ``.bin``: ``torch.load(weights_only=True)`` onto the
+    meta device, no tensor data kept); ``ValueError`` naming the tensor, both shapes and
+    the config for any disagreement, and for a file that cannot be read (corrupt,
+    truncated, or a ``.bin`` holding objects that safe loading refuses)."""
 
     layers = compressed_layers(model)
     expected: Dict[str, tuple] = {}
@@ -122,15 +123,7 @@ def check_checkpoint_shapes(model: nn.Module, files: List[str],
                 expected[key] = tuple(value.shape)
     found: Dict[str, tuple] = {}
     for file in files:
-        if not str(file).endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    found[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
-            raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): "
-                             f"{err}") from None
+        found.update(_checkpoint_shapes(str(file)))
     problems = []
     for key, shape in expected.items():
         if key in found and found[key] != shape:
@@ -144,3 +137,29 @@ def check_checkpoint_shapes(model: nn.Module, files: List[str],
             f"({_describe(config)}):\n  " + "\n  ".join(problems)
             + "\nThe config.json and the weights come from different compressions; save them "
               "together with save_pretrained.")
+
+
+def _checkpoint_shapes(file: str) -> Dict[str, tuple]:
+    """``{name: shape}`` of the tensors of one checkpoint file (``.safetensors`` or
+    ``.bin``; other files: ``{}``); ``ValueError`` for a file that cannot be read."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(file, framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{file} is not a readable safetensors file (corrupt or "
+                             f"truncated?): {err}") from None
+    if file.endswith(".bin"):
+        try:
+            state = torch.load(file, map_location="meta", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (zip, pickle and safe-loading errors)
+            raise ValueError(f"{file} is not a readable PyTorch .bin checkpoint (corrupt or "
+                             f"truncated, or holding objects that torch.load(weights_only="
+                             f"True) refuses?): {err}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{file} is not a readable PyTorch .bin checkpoint: it holds a "
+                             f"{type(state).__name__}, not a state dict")
+        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {}

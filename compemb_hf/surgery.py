@@ -217,14 +217,15 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
                              "on the meta device; load it first or use init='random'")
         layer = compress_embedding(spec, weight.detach().float(), padding_idx=padding_idx)
     else:
+        # the core's init rule (compemb.init): every method starts at the std of the table it
+        # replaces (BERT: N(0, 0.02)); DPQ's own N(0, 1) gave a tied head logits ~50x too
+        # large (a BERT MLM started at loss 16.6, not ln V), TT's Glorot std is the
+        # vocabulary's, not the model's. On meta (inside from_pretrained: values about to be
+        # loaded) there is no std to read, and the method's own init is kept.
+        std = (float(weight.detach().float().std()) if weight.device.type != "meta"
+               and weight.numel() > 1 else 0.0)
         layer = build_embedding(spec, int(weight.shape[0]), int(weight.shape[1]),
-                                padding_idx=padding_idx)
-        if isinstance(layer, DPQEmbedding) and weight.device.type != "meta":
-            # at the scale of the table it replaces (BERT: N(0, 0.02)): DPQ's own N(0, 1) gave
-            # a tied head logits ~50x too large (a BERT MLM started at loss 16.6, not ln V)
-            std = float(weight.detach().float().std())
-            if std > 0:
-                layer.reset_parameters(std=std)
+                                padding_idx=padding_idx, init_std=std if std > 0 else None)
     if weight.device.type != "meta":  # on meta (inside from_pretrained) it stays there
         layer = layer.to(weight.device)
     if weight.dtype != torch.float32 and weight.is_floating_point():
@@ -477,12 +478,28 @@ def _refuse_resize(self, *args: Any, **kwargs: Any):
 def _tolerant_init_weights(self, module: nn.Module) -> None:
     """``_init_weights`` of a compressed model: model classes initialise their embeddings
     by name (T5: ``init.normal_(module.shared.weight)``), and a compressed table has no
-    ``.weight``; such a module keeps the values it has (loaded, or compressed)."""
+    ``.weight``; such a module keeps the values it has (loaded, or compressed).
+
+    Only that one error is absorbed: an ``AttributeError`` for the attribute ``weight``
+    of a compemb module (a compressed table, its ``ScaledEmbedding`` wrapper or an
+    ``OutputLayer`` head) inside ``module``. Any other error, whatever its text, is
+    raised."""
     try:
         type(self)._init_weights(self, module)
     except AttributeError as err:
-        if "weight" not in str(err) or not any(is_compressed_module(m) for m in module.modules()):
+        if not _is_missing_table_weight(err, module):
             raise
+
+
+def _is_missing_table_weight(err: AttributeError, module: nn.Module) -> bool:
+    """``err`` is Python's "``<compemb module>`` has no attribute ``weight``" about a
+    module inside ``module`` (torch's ``Module.__getattr__`` sets ``name`` and ``obj``)."""
+    owner = getattr(err, "obj", None)
+    if getattr(err, "name", None) != "weight" or not isinstance(owner, nn.Module):
+        return False
+    if not (is_compressed_module(owner) or isinstance(owner, (ScaledEmbedding, OutputLayer))):
+        return False
+    return any(m is owner for m in module.modules())
 
 
 def _save_pretrained(self, save_directory, *args: Any, compemb_form: Optional[str] = None,

@@ -14,7 +14,7 @@ from torch import nn
 
 import compemb
 
-from .flags import FLAG_TO_OPTION, describe_layer_error, spec_from_args
+from .flags import FLAG_TO_OPTION, LEGACY_RECORD_KEYS, describe_layer_error, spec_from_args
 
 logger = logging.getLogger("fairseq_plugin")
 
@@ -23,11 +23,13 @@ __all__ = ["build_token_embedding", "build_output_layer", "CompressionRecord",
 
 
 def build_token_embedding(args: Any, num_embeddings: int, embedding_dim: int,
-                          padding_idx: Optional[int], what: str = "embedding") -> nn.Module:
+                          padding_idx: Optional[int], what: str = "embedding",
+                          init_std: Optional[float] = None) -> nn.Module:
     """The token embedding the flags describe, for a ``num_embeddings x embedding_dim``
-    table. ``dense`` gets fairseq's own initialisation (normal, std ``dim**-0.5``, zero
-    padding row), so ``--emb-method dense`` trains like the stock model; the other
-    methods keep their own (compemb's) initialisation.
+    table, started by the core's init rule (:mod:`compemb.init`) at the std the fairseq
+    model gives its own token embeddings: ``init_std``, default ``dim**-0.5`` (the
+    Transformer's; RoBERTa passes BERT's 0.02), zero padding row. ``--emb-method dense``
+    trains like the stock model, and TT/TR/DPQ tables start at the same scale.
 
     Raises ``ValueError`` naming the flags when the method cannot compress this table.
     """
@@ -35,10 +37,10 @@ def build_token_embedding(args: Any, num_embeddings: int, embedding_dim: int,
     try:
         if getattr(args, "emb_codebook", False):
             return _empty_codebook(spec, num_embeddings, embedding_dim, padding_idx)
-        layer = compemb.build_embedding(spec, num_embeddings, embedding_dim, padding_idx)
+        layer = compemb.build_embedding(spec, num_embeddings, embedding_dim, padding_idx,
+                                        init_std=init_std or embedding_dim ** -0.5)
     except ValueError as err:
         raise describe_layer_error(err, args, what, num_embeddings, embedding_dim) from None
-    _fairseq_scale(layer, spec.method, embedding_dim, padding_idx)
     return layer
 
 
@@ -57,31 +59,15 @@ def _empty_codebook(spec: compemb.EmbeddingSpec, num_embeddings: int, embedding_
         torch.zeros(books, c.num_codes, embedding_dim // c.num_groups), padding_idx=padding_idx)
 
 
-def _fairseq_scale(layer: nn.Module, method: str, embedding_dim: int,
-                   padding_idx: Optional[int]) -> None:
-    """fairseq initialises token embeddings with std ``dim**-0.5`` (then multiplies them
-    by ``sqrt(dim)``, and ties the softmax to them): the layers whose own init is
-    N(0, 1) per entry are redrawn at that std (``dense`` as fairseq does; ``dpq``, whose
-    output rows are rows of its values, through the core's
-    ``DPQEmbedding.reset_parameters(std)``). TT/TR keep the paper's Glorot init (eq. 2)."""
-    std = embedding_dim ** -0.5
-    if method == "dense":
-        with torch.no_grad():
-            nn.init.normal_(layer.weight, mean=0.0, std=std)
-            if padding_idx is not None:
-                layer.weight[padding_idx].zero_()
-    elif method == "dpq":
-        layer.reset_parameters(std=std)
-
-
 def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embeddings: int,
-                       output_dim: int, bias: bool = False) -> nn.Module:
+                       output_dim: int, bias: bool = False,
+                       init_std: Optional[float] = None) -> nn.Module:
     """The output (softmax) layer: ``hidden [..., output_dim] -> logits [..., V]``.
 
     ``mode`` (see :func:`fairseq_plugin.flags.resolve_softmax`): ``"tied"`` reuses
     ``embed_tokens`` (its parameters stay registered there only), ``"untied"`` builds a
     second table of the same method and shape, ``"dense"`` a plain matrix initialised
-    as fairseq does.
+    as fairseq does. ``init_std``: as for :func:`build_token_embedding`.
     """
     if mode == "tied":
         if embed_tokens.embedding_dim != output_dim:
@@ -92,7 +78,7 @@ def build_output_layer(args: Any, mode: str, embed_tokens: nn.Module, num_embedd
         return compemb.OutputLayer(embed_tokens, bias=bias, tied=True)
     if mode == "untied":
         table = build_token_embedding(args, num_embeddings, output_dim, None,
-                                      what="output (softmax) table")
+                                      what="output (softmax) table", init_std=init_std)
         return compemb.OutputLayer(table, bias=bias, tied=False)
     if mode == "dense":
         linear = nn.Linear(output_dim, num_embeddings, bias=bias)
@@ -111,8 +97,12 @@ def compression_record(args: Any, softmax: str) -> Dict[str, Any]:
     flag_of = {o: "--" + n.replace("_", "-") for n, o in FLAG_TO_OPTION.items()}
     record: Dict[str, Any] = {"--emb-method": spec.method}
     for key, value in spec.to_dict().items():
-        if key != "method":
-            record[flag_of.get(key, f"({key})")] = value
+        if key == "method":
+            continue
+        flag = flag_of.get(key, f"({key})")
+        if flag == "--emb-no-distance-norm":
+            value = not value
+        record[flag] = value
     if getattr(args, "emb_codebook", False):
         record["--emb-codebook"] = True
     record["--softmax"] = softmax
@@ -142,6 +132,7 @@ class CompressionRecord:
         if saved is None:
             raise ValueError("the checkpoint was not written by a fairseq_plugin (compemb) "
                              "model; it has no record of its compression flags")
+        saved = _upgrade_record(saved)
         if _normalise(saved) != _normalise(self.compemb_record):
             differ = [k for k in sorted(set(saved) | set(self.compemb_record))
                       if _normalise(saved.get(k)) != _normalise(self.compemb_record.get(k))]
@@ -150,6 +141,16 @@ class CompressionRecord:
                 f"differ): it has {_as_text(saved)}; this run has "
                 f"{_as_text(self.compemb_record)}. Pass the checkpoint's flags to load it "
                 f"(or train into a fresh --save-dir)")
+
+
+def _upgrade_record(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A record written before ``temperature``, ``commitment`` and ``distance_norm`` had
+    flags named them ``(temperature)`` ...: the same settings under today's flags."""
+    out = {}
+    for key, value in saved.items():
+        flag = LEGACY_RECORD_KEYS.get(key, key)
+        out[flag] = (not value) if key == "(distance_norm)" else value
+    return out
 
 
 def _normalise(value: Any) -> Any:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import allow_fairseq_checkpoints
+from .safe_load import read_checkpoint
 
 __all__ = ["export_checkpoint", "state_tensor_bytes"]
 
@@ -36,7 +37,7 @@ def export_checkpoint(src: str, dst: str, data: Optional[str] = None) -> Dict[st
     allow_fairseq_checkpoints()
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("OUT must differ from IN: the training checkpoint is kept for resuming")
-    state = torch.load(src, map_location="cpu")  # safe (weights_only) loading
+    state = read_checkpoint(src)  # safe (weights_only) loading; ValueError if damaged
     model_args = (state.get("cfg") or {}).get("model")
     if isinstance(model_args, dict):  # dataclass-configured models store a plain dict
         model_args = argparse.Namespace(**model_args)

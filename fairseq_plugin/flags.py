@@ -31,7 +31,17 @@ FLAG_TO_OPTION = {
     "emb_groups": "num_groups",
     "emb_variant": "variant",
     "emb_shared_subspace": "shared_subspace",
+    "emb_temperature": "temperature",
+    "emb_commitment": "commitment",
+    "emb_no_distance_norm": "distance_norm",
 }
+
+# flags that switch an option off: set -> the option is False
+INVERTED_FLAGS = {"emb_no_distance_norm"}
+
+# record keys of checkpoints written before these options had flags -> today's flag
+LEGACY_RECORD_KEYS = {"(temperature)": "--emb-temperature", "(commitment)": "--emb-commitment",
+                      "(distance_norm)": "--emb-no-distance-norm"}
 
 
 @dataclass
@@ -57,6 +67,14 @@ class CompembFlags(FairseqDataclass):
         "help": "dpq: 'sx' (softmax straight-through) or 'vq' (vector quantisation)"})
     emb_shared_subspace: bool = field(default=False, metadata={
         "help": "dpq: one key/value codebook for all groups"})
+    emb_temperature: Optional[float] = field(default=None, metadata={
+        "help": "dpq, variant sx: softmax temperature of the straight-through backward "
+                "(default 1.0; an error with --emb-variant vq)"})
+    emb_commitment: Optional[float] = field(default=None, metadata={
+        "help": "dpq, variant vq: weight of the commitment loss (default 0; an error with "
+                "--emb-variant sx)"})
+    emb_no_distance_norm: bool = field(default=False, metadata={
+        "help": "dpq: no batch normalisation of the code scores (distance_norm=False)"})
     emb_codebook: bool = field(default=False, metadata={
         "help": "dpq: the model holds the inference form of its tables (packed codes and "
                 "values, no query table); set in the checkpoints written by "
@@ -168,7 +186,8 @@ def spec_from_args(args: Any) -> compemb.EmbeddingSpec:
                 f"{_flag(name)} does not apply to --emb-method {method}; "
                 + (f"its flags are {', '.join(usable)}" if usable else f"{method} takes no "
                    f"--emb-* settings") + f" (drop {_flag(name)} or pick a method it applies to)")
-        options[option] = _PARSERS.get(name, lambda v: v)(value)
+        options[option] = (False if name in INVERTED_FLAGS
+                           else _PARSERS.get(name, lambda v: v)(value))
     if getattr(args, "emb_codebook", False) and method != "dpq":
         raise ValueError(f"--emb-codebook is the inference form of --emb-method dpq; drop it "
                          f"for --emb-method {method}")
@@ -214,6 +233,10 @@ def _as_flags(spec: compemb.EmbeddingSpec) -> str:
     inverse = {o: _flag(n) for n, o in FLAG_TO_OPTION.items()}
     parts = [f"--emb-method {spec.method}"]
     for key, value in spec.options.items():
+        if key == "distance_norm":
+            if value is False:
+                parts.append(inverse[key])
+            continue
         if key not in inverse or value is None or value is False or (
                 key == "num_factors" and spec.options.get("shape") is not None):
             continue

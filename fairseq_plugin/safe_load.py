@@ -24,12 +24,16 @@ checkpoint carrying any other pickled object is still refused. Setting
 every ``torch.load`` in the process: this module never does that.
 """
 import argparse
-from typing import Any, List
+import functools
+import pickle
+import zipfile
+from typing import Any, Callable, List
 
 import numpy as np
 import torch
 
-__all__ = ["FAIRSEQ_CHECKPOINT_GLOBALS", "allow_fairseq_checkpoints"]
+__all__ = ["FAIRSEQ_CHECKPOINT_GLOBALS", "allow_fairseq_checkpoints", "read_checkpoint",
+           "clear_load_errors"]
 
 
 def _numpy_globals() -> List[Any]:
@@ -57,3 +61,75 @@ def allow_fairseq_checkpoints() -> None:
     """Add :data:`FAIRSEQ_CHECKPOINT_GLOBALS` to torch's safe-loading allowlist
     (process-wide; adding them twice is harmless)."""
     torch.serialization.add_safe_globals(FAIRSEQ_CHECKPOINT_GLOBALS)
+
+
+# errors torch.load raises for a damaged file (zip reader, pickle stream, short read); not
+# OSError: a missing or unreadable file (permissions) keeps its own error
+_DAMAGE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
+           IndexError, KeyError)
+
+
+def _refused_by_safe_loading(err: BaseException) -> bool:
+    """Safe loading refused a class outside the allowlist (not damage: torch's message,
+    which says how to allow it, stands): its message names the GLOBAL; garbage bytes give
+    "Unsupported operand"."""
+    text = str(err)
+    return (isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text
+            and "global" in text.lower())
+
+
+def _damaged(path: str, err: BaseException) -> ValueError:
+    return ValueError(f"{path} is not a readable fairseq checkpoint (corrupt or truncated?): "
+                      f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
+def read_checkpoint(path: str) -> Any:
+    """``torch.load(path, map_location="cpu")`` with safe (``weights_only``) loading and
+    the fairseq allowlist; a damaged file is a ``ValueError`` naming it. A file holding
+    objects outside the allowlist keeps torch's ``UnpicklingError``, a missing or
+    unreadable one its ``OSError``."""
+    import torch
+
+    allow_fairseq_checkpoints()
+    try:
+        return torch.load(path, map_location="cpu")
+    except _DAMAGE as err:
+        if _refused_by_safe_loading(err):
+            raise
+        raise _damaged(str(path), err) from err
+
+
+def clear_load_errors(load: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu(path, ...)`` so that a
+    corrupt or truncated checkpoint (resume, generate, eval-lm ...) fails with the
+    ``ValueError`` of :func:`read_checkpoint` instead of a zip-reader or pickle error.
+    Only on failure is the file read again to tell damage from any other error, which is
+    raised unchanged (as is safe loading's refusal of other objects)."""
+    if getattr(load, "_compemb_clear_errors", False):
+        return load
+
+    @functools.wraps(load)
+    def wrapped(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except _DAMAGE as err:
+            if _refused_by_safe_loading(err):
+                raise
+            try:
+                read_checkpoint(path)
+            except ValueError as damage:
+                raise damage from err
+            except Exception:  # noqa: BLE001  (not damage: the original error stands)
+                pass
+            raise
+
+    wrapped._compemb_clear_errors = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def install_clear_load_errors() -> None:
+    """Apply :func:`clear_load_errors` to ``fairseq.checkpoint_utils`` (once)."""
+    from fairseq import checkpoint_utils
+
+    checkpoint_utils.load_checkpoint_to_cpu = clear_load_errors(
+        checkpoint_utils.load_checkpoint_to_cpu)

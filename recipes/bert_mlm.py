@@ -35,8 +35,8 @@ from accelerate import PartialState
 
 from .common.english_text import SOURCES, load_english_text
 from .common.packages import DataUnavailable
-from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
-                         write_results)
+from .common.run import (TrainingState, add_method_args, add_resume_args, add_run_args,
+                         apply_run_args, base_result, preflight, write_results)
 from .common.training import fit
 
 SCALES: Dict[str, Dict] = {
@@ -279,11 +279,17 @@ def mlm_perplexity(model: nn.Module, loader: DataLoader, accelerator) -> float:
 
 def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, data: Dict, *,
              dataset: str = "custom", scale_name: str = "custom", max_steps: Optional[int] = None,
-             seed: int = 0, progress: bool = True, log_every: int = 20) -> Dict:
+             seed: int = 0, progress: bool = True, log_every: int = 20,
+             out: Optional[Path] = None, resume: bool = False,
+             checkpoint_every: int = 200) -> Dict:
     """Pretrain on ``data["train"]`` (``[N, T]`` blocks, masked afresh every batch) for the
     scale's step budget; score ``data["valid"]`` after every epoch (the weights of the best
     one kept) and ``data["test"]`` at the end. Returns the results dict with the model
-    under ``"model"``."""
+    under ``"model"`` and the :class:`TrainingState` under ``"training_state"``. With
+    ``out`` the training state is saved to ``out/train_state.pt`` every
+    ``checkpoint_every`` steps; ``resume`` continues from it (the same steps and batches as
+    an uninterrupted run; the masks after the resume are drawn anew, see
+    :func:`recipes.common.training.fit`)."""
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
@@ -306,12 +312,19 @@ def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, d
     total_steps = max_steps or scale["steps"]
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, int(scale["warmup"] * total_steps)),
                                                 total_steps)
+    saver = None
+    if out is not None:
+        saver = TrainingState(out, {"task": "bert-mlm", "spec": spec.to_dict(), "output": output,
+                                    "scale": scale, "dataset": dataset, "total_steps": total_steps,
+                                    "seed": seed, "processes": accelerator.num_processes},
+                              accelerator, every=checkpoint_every, resume=resume)
     start = time.time()
     history, best_epoch, step = fit(
         accelerator, model, optimizer, train_dl, mlm_loss,
         lambda: {"valid_neg_perplexity": -mlm_perplexity(model, valid_dl, accelerator)},
         "valid_neg_perplexity", total_steps, scheduler=scheduler, clip_norm=1.0,
-        progress=progress, desc=f"bert-mlm {spec.method}/{output}", log_every=log_every)
+        progress=progress, desc=f"bert-mlm {spec.method}/{output}", log_every=log_every,
+        training_state=saver, generator=generator)
     test = mlm_perplexity(model, test_dl, accelerator)
     wall = time.time() - start
     model = accelerator.unwrap_model(model).mlm
@@ -324,6 +337,7 @@ def pretrain(spec: compemb.EmbeddingSpec, output: str, scale: Dict, tokenizer, d
         history=history, vocab_size=len(tokenizer), embedding_dim=scale["hidden"],
         hyperparameters=scale)
     result["model"] = model
+    result["training_state"] = saver
     return result
 
 
@@ -341,6 +355,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     add_run_args(parser, SCALES)
+    add_resume_args(parser)
     parser.add_argument("--output", default="tied", choices=["tied", "untied", "dense"],
                         help="the MLM softmax: tied to the compressed input table, its own "
                              "compressed table, or a dense matrix")
@@ -366,8 +381,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     spec, (tokenizer, data, counts) = checked
     result = pretrain(spec, args.output, scale, tokenizer, data, dataset="ptb+kjv" if dataset == "packages" else dataset,
                       scale_name=args.scale, max_steps=args.max_steps, seed=args.seed,
-                      progress=not args.no_progress)
-    model = result.pop("model")
+                      progress=not args.no_progress, out=args.out, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every)
+    model, saver = result.pop("model"), result.pop("training_state")
     result.update(data=counts, checkpoint=".")
     if not PartialState().is_main_process:
         return
@@ -376,6 +392,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{result['steps']} steps, {result['wall_time_s']:.0f}s")
     save_checkpoint(args.out, model, tokenizer, spec)
     write_results(args.out, result)
+    saver.finish()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The small-scale grid behind RESULTS.md: dense; TT at three ranks; DPQ-SX and DPQ-VQ at
 # two settings each (sentiment: also TT r=12, DPQ-VQ with commitment 0.25 and more seeds
-# of dense and of the >= 100x settings); one CPU thread per run. A run whose folder has a log.txt (done, or
-# started by another invocation) is skipped: delete its folder to run it again.
+# of dense and of the >= 100x settings); one CPU thread per run. A run counts as done only
+# when its folder has results.json (written at the end of a run): such runs are skipped
+# (delete results.json or the folder to run one again). A run without it (never started, or
+# crashed: log.txt but no results.json) is started again; the tasks with long training
+# loops (lstm_lm, transfo_xl_lm, nmt, bert_mlm) get --resume and continue from the train_state.pt of the
+# crashed run. A run being trained by another invocation (it holds the folder's .lock,
+# flock) is skipped. A crashed run's log is kept as log.txt.1, log.txt.2, ...
 #   recipes/grid_small.sh sentiment|ctr|lstm_lm|transfo_xl_lm|nmt|nmt_fairseq|bert_mlm [RUNS_DIR]     (JOBS=2 runs two at a time)
 # then: python -m recipes.report RUNS_DIR --out RESULTS.md --plots recipes/plots
 set -euo pipefail
@@ -126,13 +131,17 @@ case "$task" in
           "dpq-sx-k32-d16-s1:--method dpq --variant sx --num-codes 32 --num-groups 16 --seed 1") ;;
   *) echo "unknown task $task (sentiment, ctr, lstm_lm, transfo_xl_lm, nmt, nmt_fairseq or bert_mlm)" >&2; exit 2 ;;
 esac
+case "$task" in
+  lstm_lm|transfo_xl_lm|nmt|bert_mlm) resume=--resume ;;
+  *) resume= ;;
+esac
 for entry in "${grid[@]}"; do
   name=${entry%%:*}
   out="$runs/$task/$name"
-  if [ -f "$out/log.txt" ]; then
-    echo "skip $out (has log.txt)" >&2
+  if [ -f "$out/results.json" ]; then
+    echo "skip $out (done: has results.json)" >&2
     continue
   fi
   mkdir -p "$out"
-  echo "[ -f $out/log.txt ] || $PYTHON -m recipes.$task --scale small --threads 1 --no-progress ${entry#*:} --out $out > $out/log.txt 2>&1"
+  echo "recipes/grid_run.sh $out $PYTHON -m recipes.$task --scale small --threads 1 --no-progress ${entry#*:} $resume --out $out"
 done | xargs -P "${JOBS:-1}" -I{} sh -c "{}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -17,8 +18,8 @@ from torch import Tensor
 import compemb
 
 from .common.ptb import Vocab, load_ptb_text
-from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
-                         write_results)
+from .common.run import (TrainingState, add_method_args, add_resume_args, add_run_args,
+                         apply_run_args, base_result, preflight, write_results)
 from .models.lstm_lm import LSTMLanguageModel
 
 SCALES = {
@@ -53,8 +54,13 @@ def perplexity(model: LSTMLanguageModel, data: Tensor, bptt: int) -> float:
 
 
 def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: Optional[int] = None,
-          seed: int = 0, log_every: int = 100, progress: bool = True) -> Dict:
-    """Train on PTB train, report valid/test perplexity. Returns the results dict."""
+          seed: int = 0, log_every: int = 100, progress: bool = True, out: Optional[Path] = None,
+          resume: bool = False, checkpoint_every: int = 200) -> Dict:
+    """Train on PTB train, report valid/test perplexity. Returns the results dict.
+
+    With ``out``, the training state is saved to ``out/train_state.pt`` every
+    ``checkpoint_every`` steps; ``resume`` continues from it (the same steps as an
+    uninterrupted run)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -75,9 +81,19 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
     optimizer = torch.optim.Adam(model.parameters(), lr=scale["lr"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    saver = None
+    if out is not None:
+        saver = TrainingState(out, {"task": "ptb-lm-lstm", "spec": spec.to_dict(), "output": output,
+                                    "scale": scale, "total_steps": total_steps, "seed": seed,
+                                    "processes": accelerator.num_processes},
+                              accelerator, every=checkpoint_every, resume=resume)
     start = time.time()
     state, step, pos = None, 0, 0
-    bar = tqdm(total=total_steps, disable=not progress or not accelerator.is_main_process,
+    restored = saver.load(model, optimizer, scheduler) if saver is not None else None
+    if restored is not None:
+        step, pos = restored["step"], restored["pos"]
+        state = tuple(t.to(accelerator.device) for t in restored["state"]) if restored["state"] else None
+    bar = tqdm(total=total_steps, initial=step, disable=not progress or not accelerator.is_main_process,
                desc=f"{spec.method}/{output}")
     while step < total_steps:
         if pos + bptt + 1 > train_data.size(1):
@@ -98,6 +114,9 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
         bar.update(1)
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(loss.item(), 20)):.1f}")
+        if saver is not None and step < total_steps:
+            saver.maybe_save(step, model, optimizer, scheduler,
+                             {"pos": pos, "state": [t.detach().cpu() for t in state]})
     bar.close()
     train_time = time.time() - start
     model = accelerator.unwrap_model(model)
@@ -107,7 +126,7 @@ def train(spec: compemb.EmbeddingSpec, output: str, scale: Dict, *, max_steps: O
                          higher_is_better=False, wall_time_s=train_time, valid_ppl=valid,
                          output=output, steps=total_steps,
                          train_tokens=total_steps * scale["batch"] * bptt * accelerator.num_processes)
-    result.update(model=model, report_obj=report)
+    result.update(model=model, report_obj=report, training_state=saver)
     return result
 
 
@@ -119,6 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "method (untied) or a plain dense layer")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the scale's)")
     add_run_args(parser, SCALES)
+    add_resume_args(parser)
     args = parser.parse_args(argv)
     scale = apply_run_args(args, SCALES)
     if args.lr is not None:
@@ -135,13 +155,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     spec, _ = checked
     result = train(spec, args.output, scale, max_steps=args.max_steps, seed=args.seed,
-                   progress=not args.no_progress)
-    model, report = result.pop("model"), result.pop("report_obj")
+                   progress=not args.no_progress, out=args.out, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every)
+    model, report, saver = result.pop("model"), result.pop("report_obj"), result.pop("training_state")
     result.update(dataset="ptb", scale=args.scale, higher_is_better=False, lr=scale["lr"],
                   epochs=scale["epochs"])
     print(report)
     print(f"valid ppl {result['valid_ppl']:.2f}  test ppl {result['value']:.2f}")
     write_results(args.out, result, model)
+    saver.finish()
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from accelerate import PartialState
 from .common.bible_data import (BOS_ID, EOS_ID, PAD_ID, Pair, load_bible_pairs, split_pairs,
                                 train_joint_bpe)
 from .common.packages import DataUnavailable
-from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
-                         write_results)
+from .common.run import (TrainingState, add_method_args, add_resume_args, add_run_args,
+                         apply_run_args, base_result, preflight, write_results)
 from .sentiment import LengthBuckets
 
 SCALES: Dict[str, Dict] = {
@@ -163,8 +163,9 @@ def collate(items: List[tuple]) -> Dict[str, Tensor]:
 def build_model(spec: compemb.EmbeddingSpec, vocab_size: int, scale: Dict, output: str = "tied") -> nn.Module:
     """An ``MBartForConditionalGeneration`` from a config: one embedding shared by encoder
     and decoder, the softmax tied to it or (``output="untied"``) its own table of the same
-    shape, both compressed per ``spec`` (a dense spec leaves the tables dense); token tables
-    drawn by :func:`init_token_tables`."""
+    shape, both compressed per ``spec`` (a dense spec leaves the tables dense); the dense
+    token tables are drawn by :func:`init_token_tables` before the compression, and the
+    compressed ones start at their std by the core's init rule (:mod:`compemb.init`)."""
     import transformers as tf
 
     import compemb_hf
@@ -184,36 +185,31 @@ def build_model(spec: compemb.EmbeddingSpec, vocab_size: int, scale: Dict, outpu
     gen.decoder_start_token_id, gen.pad_token_id, gen.eos_token_id = PAD_ID, PAD_ID, EOS_ID
     gen.bos_token_id, gen.forced_eos_token_id, gen.bad_words_ids = BOS_ID, None, None
     gen.max_length, gen.num_beams = None, scale["beam"]
+    init_token_tables(model, scale["d_model"] ** -0.5,
+                      untied_head=output == "untied" and spec.method != "dense")
     if spec.method != "dense":
         options = {k: v for k, v in spec.to_dict().items() if k != "method"}
         model = compemb_hf.compress(model, compemb_hf.CompressedEmbeddingConfig(
             spec.method, output=output, init="random", **options))
-    init_token_tables(model, scale["d_model"] ** -0.5)
     return model
 
 
-def init_token_tables(model: nn.Module, std: float) -> None:
-    """Token tables (dense, TT/TR, DPQ) drawn at row std ``std`` (fairseq's Transformer:
-    ``d_model ** -0.5``, so that the embedding times ``sqrt(d_model)`` is of the size of the
-    sinusoidal positions). With transformers' default (0.02) or the TT paper's Glorot init
-    the positions drown the tokens in the post-LN encoder: measured at small scale, the
-    encoder output no longer depended on the source after 800 steps. TT/TR cores keep their
-    eq. (2) shape and are scaled by a common factor; DPQ draws query, keys and values at
-    ``std`` (``reset_parameters``); the padding row stays zero."""
-    import compemb_hf
-
-    layers = list(compemb_hf.compressed_layers(model).values()) or [model.get_input_embeddings()]
+def init_token_tables(model: nn.Module, std: float, untied_head: bool = False) -> None:
+    """The dense token table (and, with ``untied_head``, the head's own) drawn at row std
+    ``std`` (fairseq's Transformer: ``d_model ** -0.5``, so that the embedding times
+    ``sqrt(d_model)`` is of the size of the sinusoidal positions); the padding row stays
+    zero. Called before ``compemb_hf.compress``, whose fresh tables of every method then
+    start at the std of the table they replace (the core's init rule, no rescaling here).
+    With transformers' default (0.02) or the TT paper's Glorot init the positions drown
+    the tokens in the post-LN encoder: measured at small scale, the encoder output no
+    longer depended on the source after 800 steps."""
+    embedding = model.get_input_embeddings()
     with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, compemb.DPQEmbedding):
-                layer.reset_parameters(std=std)
-            elif isinstance(layer, nn.Embedding):
-                nn.init.normal_(layer.weight, std=std)
-                if layer.padding_idx is not None:
-                    layer.weight[layer.padding_idx].zero_()
-            elif hasattr(layer, "rescale_"):
-                layer.reset_parameters()
-                layer.rescale_(std)
+        nn.init.normal_(embedding.weight, std=std)
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+        if untied_head:
+            nn.init.normal_(model.get_output_embeddings().weight, std=std)
 
 
 def embedding_tables(model: nn.Module) -> List[nn.Module]:
@@ -337,11 +333,14 @@ def inverse_sqrt(warmup: int):
 def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[Pair]], out: Path, *,
           output: str = "tied", dataset: str = "custom", scale_name: str = "custom",
           max_steps: Optional[int] = None, seed: int = 0, progress: bool = True,
-          log_every: int = 100) -> Dict:
+          log_every: int = 100, resume: bool = False, checkpoint_every: int = 200) -> Dict:
     """Joint BPE on the training pairs (saved as ``out/spm.model``), then train the model
     for ``max_steps`` (or the scale's steps) with Adam, inverse-sqrt warm-up and
     label-smoothed cross-entropy; valid loss every ``log_every`` steps and at the end; test
-    BLEU of the final model. Returns the results dict, the model under ``"model"``."""
+    BLEU of the final model. Returns the results dict, the model under ``"model"`` and the
+    :class:`TrainingState` under ``"training_state"``. The training state is saved to
+    ``out/train_state.pt`` every ``checkpoint_every`` steps; ``resume`` continues from it
+    (the same batches, in the same order, as an uninterrupted run)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -354,10 +353,12 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[Pair]],
     report = compemb.compression_report(model)
     accelerator = Accelerator()
 
+    samplers = {}
+
     def loader(split: str, shuffle: bool) -> DataLoader:
         lengths = [len(s) + len(t) for s, t in enc[split]]
-        return DataLoader(enc[split], batch_sampler=LengthBuckets(lengths, scale["batch"], shuffle, seed),
-                          collate_fn=collate)
+        samplers[split] = LengthBuckets(lengths, scale["batch"], shuffle, seed)
+        return DataLoader(enc[split], batch_sampler=samplers[split], collate_fn=collate)
 
     train_dl, valid_dl = loader("train", True), loader("valid", False)
     optimizer = torch.optim.Adam(model.parameters(), lr=scale["lr"], betas=(0.9, 0.98), eps=1e-9)
@@ -369,9 +370,24 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[Pair]],
                desc=f"nmt {spec.method}/{output}")
     history: List[Dict] = []
     step, loss = 0, torch.tensor(float("nan"))
+    saver = TrainingState(out, {"task": "nmt", "spec": spec.to_dict(), "output": output,
+                                "scale": scale, "total_steps": total_steps, "seed": seed,
+                                "dataset": dataset, "processes": accelerator.num_processes},
+                          accelerator, every=checkpoint_every, resume=resume)
+    restored = saver.load(model, optimizer, scheduler)
+    skip = 0
+    if restored is not None:  # the epoch under way and the batches of it already made
+        step, history, skip = restored["step"], restored["history"], restored["batch"]
+        samplers["train"].epoch = restored["epoch"]
+        bar.update(step)
     model.train()
     while step < total_steps:
+        epoch, done = samplers["train"].epoch, 0
         for batch in train_dl:
+            if skip:
+                skip, done = skip - 1, done + 1
+                continue
+            done += 1
             loss = smoothed_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -390,6 +406,8 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[Pair]],
                                   f"valid_loss {entry['valid_loss']:.4f}  {entry['time_s']:.0f}s")
             if step >= total_steps:
                 break
+            saver.maybe_save(step, model, optimizer, scheduler,
+                             {"epoch": epoch, "batch": done, "history": history})
     bar.close()
     model = accelerator.unwrap_model(model)
     train_time = time.time() - start
@@ -402,6 +420,7 @@ def train(spec: compemb.EmbeddingSpec, scale: Dict, data: Dict[str, List[Pair]],
         vocab_size=vocab_size, embedding_dim=scale["d_model"], tables=len(embedding_tables(model)),
         scale=scale, data=data, hypotheses=hypotheses, history=history)
     result["model"] = model
+    result["training_state"] = saver
     return result
 
 
@@ -409,6 +428,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     add_run_args(parser, SCALES)
+    add_resume_args(parser)
     parser.add_argument("--output", default="tied", choices=["tied", "untied"],
                         help="softmax: the shared input table (tied) or its own table of the "
                              "same shape, compressed the same way (untied)")
@@ -428,8 +448,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     spec, data = checked
     result = train(spec, scale, data, args.out, output=args.output, dataset=dataset,
                    scale_name=args.scale, max_steps=args.max_steps, seed=args.seed,
-                   progress=not args.no_progress)
-    model = result.pop("model")
+                   progress=not args.no_progress, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every)
+    model, saver = result.pop("model"), result.pop("training_state")
     if not PartialState().is_main_process:
         return
     print(compemb.compression_report(model))
@@ -437,6 +458,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{result['steps']} steps, embedding {result['embedding_ratio']:.1f}x), "
           f"{result['wall_time_s']:.0f}s")
     write_results(args.out, result, model)
+    saver.finish()
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ from .nmt import (LABEL_SMOOTHING, SCALES, add_data_args, bpe_and_pairs, build_m
 
 ARCHS = {"smoke": "compemb_transformer_tiny", "small": "compemb_transformer_base",
          "paper": "compemb_transformer_wmt_en_de_big"}
-# compemb spec option -> fairseq_plugin flag (fairseq_plugin/flags.py); the others
-# (--temperature, --commitment) have no fairseq flag
+# compemb spec option -> fairseq_plugin flag (fairseq_plugin/flags.py)
 FAIRSEQ_FLAGS = {"rank": "--emb-rank", "num_factors": "--emb-num-factors", "num_codes": "--emb-codes",
                  "num_groups": "--emb-groups", "variant": "--emb-variant",
-                 "shared_subspace": "--emb-shared-subspace"}
+                 "shared_subspace": "--emb-shared-subspace", "temperature": "--emb-temperature",
+                 "commitment": "--emb-commitment", "distance_norm": "--emb-no-distance-norm"}
 LANGS = ("en", "de")
 
 
@@ -61,7 +61,10 @@ def fairseq_method_flags(spec: compemb.EmbeddingSpec) -> List[str]:
             raise ValueError(f"{cli} has no fairseq_plugin flag (it takes "
                              f"{', '.join(sorted(FAIRSEQ_FLAGS.values()))}); use recipes/nmt.py "
                              f"for it, or drop it")
-        if value is True:
+        if option == "distance_norm":  # on by default; the flag turns it off
+            if value is False:
+                flags.append(FAIRSEQ_FLAGS[option])
+        elif value is True:
             flags.append(FAIRSEQ_FLAGS[option])
         elif value is not False:
             flags += [FAIRSEQ_FLAGS[option], str(value)]

@@ -36,8 +36,8 @@ from compemb_hf.transfo_xl import TransfoXLConfig, TransfoXLLMHeadModel, evaluat
 
 from .common.packages import DataUnavailable
 from .common.ptb import Vocab, load_ptb_text
-from .common.run import (add_method_args, add_run_args, apply_run_args, base_result, preflight,
-                         write_results)
+from .common.run import (TrainingState, add_method_args, add_resume_args, add_run_args,
+                         apply_run_args, base_result, preflight, write_results)
 
 DATASETS = ("ptb", "wikitext-103")
 WT103_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}
@@ -196,11 +196,16 @@ def perplexity(model: TransfoXLLMHeadModel, ids: Tensor, scale: Dict, accelerato
 
 def train(model: TransfoXLLMHeadModel, spec: compemb.EmbeddingSpec, output: str, scale: Dict,
           ids: Dict[str, Tensor], *, dataset: str = "ptb", scale_name: str = "custom",
-          max_steps: Optional[int] = None, progress: bool = True) -> Dict:
+          max_steps: Optional[int] = None, progress: bool = True, out: Optional[Path] = None,
+          resume: bool = False, checkpoint_every: int = 200, seed: Optional[int] = None) -> Dict:
     """Train ``model`` on ``ids["train"]`` (``[N]`` token ids) for ``max_steps`` (default:
     ``scale["epochs"]`` epochs when set, else ``scale["steps"]``) optimizer steps, then
     evaluate valid and test perplexity. Returns the results dict, the trained model under
-    ``"model"``."""
+    ``"model"`` and the :class:`TrainingState` under ``"training_state"``.
+
+    With ``out``, the training state is saved to ``out/train_state.pt`` every
+    ``checkpoint_every`` steps (with the memories in one process; under several processes
+    they restart empty at a resume); ``resume`` continues from it."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -228,10 +233,23 @@ def train(model: TransfoXLLMHeadModel, spec: compemb.EmbeddingSpec, output: str,
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(scale["warmup"], total_steps // 2), total_steps)
     # the scheduler is stepped by hand: every process makes the same total_steps steps
     step_loss, optimizer = accelerator.prepare(step_loss, optimizer)
-    bar = tqdm(total=total_steps, disable=not progress or not accelerator.is_main_process,
-               desc=f"transfo-xl {spec.method}/{output}")
+    saver = None
+    if out is not None:
+        saver = TrainingState(out, {"task": "lm-transfo-xl", "spec": spec.to_dict(),
+                                    "output": output, "scale": scale, "dataset": dataset,
+                                    "total_steps": total_steps, "seed": seed,
+                                    "processes": accelerator.num_processes},
+                              accelerator, every=checkpoint_every, resume=resume)
     start = time.time()
     mems, segment, step, running, seen = None, 0, 0, 0.0, 0
+    restored = saver.load(step_loss, optimizer, scheduler) if saver is not None else None
+    if restored is not None:
+        step, segment, running, seen = (restored[k] for k in ("step", "segment", "running", "seen"))
+        if restored["mems"] is not None and accelerator.num_processes == 1:
+            mems = [m.to(accelerator.device) for m in restored["mems"]]
+    bar = tqdm(total=total_steps, initial=step,
+               disable=not progress or not accelerator.is_main_process,
+               desc=f"transfo-xl {spec.method}/{output}")
     step_loss.train()
     while step < total_steps:
         if segment == segments_per_epoch:  # a new pass over the text starts without memories
@@ -258,6 +276,11 @@ def train(model: TransfoXLLMHeadModel, spec: compemb.EmbeddingSpec, output: str,
                 print(line, flush=True)
             bar.set_postfix(loss=f"{mean:.3f}")
             running, seen = 0.0, 0
+        if saver is not None and step < total_steps:
+            saver.maybe_save(step, step_loss, optimizer, scheduler, {
+                "segment": segment, "running": running, "seen": seen,
+                "mems": ([m.detach().cpu() for m in mems] if mems is not None
+                         and accelerator.num_processes == 1 else None)})
     bar.close()
     train_time = time.time() - start
     model = accelerator.unwrap_model(step_loss).lm
@@ -280,6 +303,7 @@ def train(model: TransfoXLLMHeadModel, spec: compemb.EmbeddingSpec, output: str,
     if not report.rows:
         result.update(embedding_stored_bytes=emb_bytes, embedding_dense_bytes=emb_bytes)
     result["model"] = model
+    result["training_state"] = saver
     return result
 
 
@@ -290,6 +314,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="softmax: tied to the input tables, its own tables of the same method, "
                              "or dense (with a compressed input)")
     add_run_args(parser, SCALES)
+    add_resume_args(parser)
     parser.add_argument("--dataset", choices=DATASETS, help="default: ptb (smoke, small), "
                                                            "wikitext-103 (paper)")
     parser.add_argument("--data-path", type=Path,
@@ -325,8 +350,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     spec, (model, ids) = checked
     result = train(model, spec, args.output, scale, ids, dataset=dataset, scale_name=args.scale,
-                   max_steps=args.max_steps, progress=not args.no_progress)
-    model = result.pop("model")
+                   max_steps=args.max_steps, progress=not args.no_progress, out=args.out,
+                   resume=args.resume, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    model, saver = result.pop("model"), result.pop("training_state")
     result["seed"] = args.seed
     if not PartialState().is_main_process:
         return
@@ -334,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"test ppl {result['value']:.2f} (valid {result['valid_ppl']:.2f}), "
           f"embedding {result['embedding_ratio']:.1f}x, {result['wall_time_s']:.0f}s")
     write_results(args.out, result, model)
+    saver.finish()
 
 
 if __name__ == "__main__":

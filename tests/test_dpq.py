@@ -135,6 +135,8 @@ def test_training_logits_train_the_codes_as_eval_scores_them(variant, shared, pa
 @pytest.mark.parametrize("distance_norm,temperature", [(False, 1.0), (True, 0.5), (False, 0.3)])
 def test_gradients_without_normalisation_and_with_temperature(variant, shared, distance_norm,
                                                               temperature):
+    if variant == "vq":  # DPQ-VQ has no temperature (any other value is refused)
+        temperature = 1.0
     layer = _layer(variant, shared, padding_idx=3, distance_norm=distance_norm,
                    temperature=temperature)
     idx = _ids()
@@ -343,7 +345,10 @@ def test_empty_and_all_padding_batches_leave_statistics_alone(variant):
     (dict(variant="gumbel"), r"variant must be one of \['sx', 'vq'\]"),
     (dict(temperature=0.0), "temperature must be a number > 0"),
     (dict(temperature=-1.0), "temperature must be a number > 0"),
-    (dict(commitment=-0.1), "commitment must be a number >= 0"),
+    (dict(commitment=-0.1, variant="vq"), "commitment must be a number >= 0"),
+    # options the variant ignores are refused, naming the option
+    (dict(variant="vq", temperature=0.5), r"temperature=0.5 has no effect with variant='vq'"),
+    (dict(commitment=0.25), r"commitment=0.25 has no effect with variant='sx'"),
     (dict(padding_idx=40), "padding_idx must be an integer in"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -522,3 +527,73 @@ def test_reset_parameters_with_a_std_scales_the_tables_and_keeps_padding():
     assert torch.all(layer.query[3] == 0)
     with pytest.raises(ValueError, match="std must be > 0"):
         layer.reset_parameters(std=0.0)
+
+
+def test_options_the_variant_uses_are_accepted_at_their_defaults():
+    """The defaults (what saved configs hold for every option) pass for both variants."""
+    assert DPQConfig(variant="vq", temperature=1.0, commitment=0.5).commitment == 0.5
+    assert DPQConfig(variant="sx", temperature=0.5, commitment=0.0).temperature == 0.5
+    assert DPQConfig(variant="vq", temperature=1).variant == "vq"
+
+
+# ---------------------------------------------------------------------- eval code cache
+
+def _fresh_codes(layer):
+    return layer._compute_codes(8192)
+
+
+@pytest.mark.parametrize("variant", ["sx", "vq"])
+def test_eval_codes_are_cached_until_a_parameter_changes(variant, monkeypatch):
+    layer = _layer(variant, commitment=0.0).eval()
+    calls = []
+    compute = DPQEmbedding._compute_codes
+    monkeypatch.setattr(DPQEmbedding, "_compute_codes",
+                        lambda self, chunk: calls.append(1) or compute(self, chunk))
+    hidden = torch.randn(4, 12)
+    first = layer.logits(hidden)
+    codes = layer.codes()
+    layer.materialize()
+    assert len(calls) == 1 and layer.codes() is codes  # one computation for all of them
+    # an optimizer step in eval mode (in place: version counters) invalidates it
+    opt = torch.optim.SGD(layer.parameters(), lr=5.0)
+    layer.zero_grad()
+    layer.query.grad = torch.randn_like(layer.query)
+    layer.values.grad = torch.zeros_like(layer.values)
+    if layer.key_weight is not None:
+        layer.key_weight.grad = torch.randn_like(layer.key_weight)
+    opt.step()
+    after = layer.codes()
+    assert len(calls) == 2 and torch.equal(after, compute(layer, 8192))
+    assert not torch.equal(after, codes)  # the step did move some codes
+    torch.testing.assert_close(layer.logits(hidden), layer.export().logits(hidden))
+    assert not torch.allclose(layer.logits(hidden), first)
+
+
+def test_eval_code_cache_is_dropped_by_train_load_state_dict_and_to():
+    layer = _layer().eval()
+    codes = layer.codes()
+    layer.train()
+    assert "_codes_cache" not in layer.__dict__
+    # training-mode forwards move the running statistics; eval codes follow them
+    for seed in range(3):
+        layer(_ids(seed=seed))
+    layer.eval()
+    assert torch.equal(layer.codes(), _fresh_codes(layer))
+    other = _layer()
+    with torch.no_grad():
+        other.query.mul_(-1)
+    other.eval()
+    layer.codes()
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer.codes(), _fresh_codes(other))
+    assert not torch.equal(layer.codes(), codes)
+    cached = layer.codes()
+    layer.double()
+    assert layer.codes() is not cached and torch.equal(layer.codes(), cached)
+
+
+def test_no_code_cache_in_training_mode():
+    layer = _layer().train()
+    with torch.no_grad():
+        a = layer.codes()
+    assert "_codes_cache" not in layer.__dict__ and layer.codes() is not a

@@ -326,5 +326,7 @@ def test_loss_decreases_on_reverse_task(corpora, tmp_path):
     first = _val_loss(save / "checkpoint_last.pt")
     fairseq_train(argv + ["--max-epoch", "10"])
     last = _val_loss(save / "checkpoint_last.pt")
-    # uniform over the 20 words is log2(20) = 4.3 bits
-    assert first > 3.0 and last < first - 1.5, (first, last)
+    # uniform over the 20 words is log2(20) = 4.3 bits. Measured: 4.21 -> 2.77 bits with the
+    # TT table started at fairseq's dim**-0.5 (the core's init rule), 4.24 -> 2.55 at the
+    # Glorot std it had before (a 16% larger start on this 30-symbol table)
+    assert first > 3.0 and last < first - 1.2, (first, last)

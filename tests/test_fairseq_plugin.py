@@ -172,15 +172,29 @@ def test_dpq_gets_fairseq_init_scale(data_dir):
     assert 0.5 * 64 ** -0.5 < table.std().item() < 2 * 64 ** -0.5
 
 
-def test_roberta_keeps_the_methods_init(data_dir):
-    """RobertaModel re-initialises nn.Linear/nn.Embedding BERT-style (std 0.02); the
-    compressed layers keep theirs."""
+@pytest.mark.parametrize("method", ["dpq", "tt", "dense"])
+def test_roberta_tables_start_at_its_dense_std_and_keep_their_structure(data_dir, method):
+    """RobertaModel re-initialises nn.Linear/nn.Embedding BERT-style (std 0.02): by the
+    core's init rule every method's table starts at that std, and the compressed layers
+    keep their structure (DPQ: keys and values drawn at it, not re-drawn by RoBERTa)."""
     torch.manual_seed(0)
-    model, _ = build(data_dir, "masked_lm", "compemb_roberta_tiny", "--emb-method", "dpq",
-                     *METHOD_FLAGS["dpq"])
-    std = model.encoder.sentence_encoder.embed_tokens.values.std().item()
-    assert abs(std - 64 ** -0.5) < 0.04 and abs(std - 0.02) > 0.05
+    model, _ = build(data_dir, "masked_lm", "compemb_roberta_tiny", "--emb-method", method,
+                     *METHOD_FLAGS.get(method, []))
+    table = model.encoder.sentence_encoder.embed_tokens
+    weight = table.weight if method == "dense" else table.materialize()
+    assert abs(weight.std().item() - 0.02) < 0.004, weight.std().item()
+    if method == "dpq":
+        assert abs(table.key_weight.std().item() - 0.02) < 0.004
     assert abs(model.encoder.lm_head.dense.weight.std().item() - 0.02) < 0.005
+
+
+def test_tt_tables_start_at_fairseqs_embedding_std(data_dir):
+    """The core's init rule: a TT table of the Transformer starts at fairseq's
+    ``dim**-0.5``, as the dense and DPQ ones do (it started at the Glorot std before)."""
+    model, _ = build(data_dir, "translation", "compemb_transformer_tiny", "--emb-method", "tt",
+                     *METHOD_FLAGS["tt"])
+    table = model.encoder.embed_tokens.materialize()
+    assert table.std().item() == pytest.approx(64 ** -0.5, rel=0.05)
 
 
 def test_flags_map_onto_the_spec():
@@ -192,6 +206,44 @@ def test_flags_map_onto_the_spec():
     assert spec.options == {"num_codes": 16, "num_groups": 8, "variant": "vq",
                             "shared_subspace": True}
     assert parse_shape("4,5,2x4,4,4") == ((4, 5, 2), (4, 4, 4))
+
+
+def test_dpq_training_flags_reach_temperature_commitment_and_distance_norm():
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="sx",
+                              emb_temperature=0.5, emb_no_distance_norm=True)
+    config = spec_from_args(args).config
+    assert config.temperature == 0.5 and config.distance_norm is False
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="vq",
+                              emb_commitment=0.25)
+    config = spec_from_args(args).config
+    assert config.commitment == 0.25 and config.distance_norm is True
+    # an option the variant ignores is refused, naming the flag
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="vq",
+                              emb_temperature=0.5)
+    with pytest.raises(ValueError, match=r"temperature=0.5 has no effect with variant='vq'.*"
+                                         r"--emb-temperature"):
+        spec_from_args(args)
+    args = argparse.Namespace(emb_method="tt", emb_rank="4", emb_temperature=0.5)
+    with pytest.raises(ValueError, match="--emb-temperature does not apply to --emb-method tt"):
+        spec_from_args(args)
+
+
+def test_record_of_an_older_checkpoint_still_matches():
+    """Checkpoints written before --emb-temperature/--emb-commitment/--emb-no-distance-norm
+    existed recorded those settings as ``(temperature)`` ...: they still load."""
+    from fairseq_plugin.build import CompressionRecord, compression_record
+
+    args = argparse.Namespace(emb_method="dpq", emb_codes=16, emb_groups=8, emb_variant="sx")
+    model = CompressionRecord()
+    model.compemb_record = compression_record(args, "tied")
+    assert model.compemb_record["--emb-no-distance-norm"] is False
+    old = {k: v for k, v in model.compemb_record.items()
+           if k not in ("--emb-temperature", "--emb-commitment", "--emb-no-distance-norm")}
+    old.update({"(temperature)": 1.0, "(commitment)": 0.0, "(distance_norm)": True})
+    model.set_extra_state({"compemb": old})  # no error
+    old["(temperature)"] = 0.5
+    with pytest.raises(ValueError, match="--emb-temperature differ"):
+        model.set_extra_state({"compemb": old})
 
 
 @pytest.mark.skipif("tt" not in load_methods(), reason="needs compemb.tt registered")
@@ -386,3 +438,28 @@ def test_architecture_sizes(data_dir):
         assert (args.decoder_embed_dim, args.decoder_ffn_embed_dim,
                 args.decoder_attention_heads, args.decoder_layers) == want, arch
         assert not args.adaptive_input and args.adaptive_softmax_cutoff is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+    from fairseq import checkpoint_utils
+
+    from fairseq_plugin.export import export_checkpoint
+
+    good = {"args": None, "cfg": {"model": argparse.Namespace(arch="x", emb_method="dpq")},
+            "model": {"w": torch.ones(300)}}
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save(good, path)
+    with pytest.raises(KeyError, match="best_loss"):  # readable: fairseq's own error stands
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x07" * 64,
+                      "empty": b""}[damage])
+    message = r"checkpoint_last.pt is not a readable fairseq checkpoint \(corrupt or truncated\?\)"
+    with pytest.raises(ValueError, match=message):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))  # resume, generate, eval-lm ...
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(str(path), str(tmp_path / "out.pt"))
+    assert not (tmp_path / "out.pt").exists()
+    with pytest.raises(FileNotFoundError):  # not damage: the error stays what it was
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "missing.pt"))

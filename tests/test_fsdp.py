@@ -31,7 +31,7 @@ class TwoHeads(nn.Module):
         self.tr = TREmbedding(V, J, 3)
         self.vq = DPQEmbedding(V, J, 8, 4, variant="vq", padding_idx=0)
         self.mix = nn.Linear(J, J)
-        self.tied = OutputLayer(self.tt, bias=True)
+        self.tied = OutputLayer(self.tt, bias=True, tied=True)
         self.untied = OutputLayer(DPQEmbedding(V, J, 8, 4, variant="sx"), tied=False)
 
     def forward(self, ids, target):

@@ -125,6 +125,19 @@ def test_pretrained_init_reproduces_the_dense_model_at_full_rank(tmp_path):
     assert not torch.allclose(_logits(rand, "bert-mlm"), _logits(dense, "bert-mlm"), atol=1e-2)
 
 
+@pytest.mark.parametrize("method", ["tt", "tr", "dense"])
+def test_random_tables_of_every_method_start_at_the_std_of_the_table_they_replace(method):
+    """The core's init rule: TT/TR (Glorot before) and dense (N(0, 1) before) too."""
+    torch.manual_seed(0)
+    model = tiny_model("bert-mlm")
+    std = model.get_input_embeddings().weight.std().item()
+    options = {"tt": dict(rank=4), "tr": dict(rank=2), "dense": {}}[method]
+    compemb_hf.compress(model, Cfg(method, init="random", **options))
+    table = model.get_input_embeddings()
+    with torch.no_grad():
+        assert table.materialize().std().item() == pytest.approx(std, rel=0.05)
+
+
 @pytest.mark.parametrize("variant", ["sx", "vq"])
 def test_random_dpq_tables_start_at_the_scale_of_the_table_they_replace(variant):
     torch.manual_seed(0)
@@ -403,3 +416,68 @@ def test_dequantize_resize_and_compress_again(family, output, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == 64
     compemb_hf.compress(model, Cfg("tt", rank=4))
     assert model.get_input_embeddings().num_embeddings == 64
+
+
+def test_init_weights_absorbs_only_the_missing_weight_of_a_compressed_table(monkeypatch):
+    model = tiny_model("t5")
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    table = model.get_input_embeddings()
+    before = [c.detach().clone() for c in table.cores]
+    model._init_weights(model)  # T5 initialises module.shared.weight by name: absorbed
+    assert all(torch.equal(b, c) for b, c in zip(before, table.cores))
+
+    def broken(self, module):  # an unrelated error that merely mentions "weight"
+        raise AttributeError("'Linear' object has no attribute 'weight_scale'")
+
+    monkeypatch.setattr(type(model), "_init_weights", broken)
+    with pytest.raises(AttributeError, match="weight_scale"):
+        model._init_weights(model)
+
+    def missing_elsewhere(self, module):  # a real missing attribute of another module
+        return torch.nn.Linear(2, 2).weight_g
+
+    monkeypatch.setattr(type(model), "_init_weights", missing_elsewhere)
+    with pytest.raises(AttributeError, match="weight_g"):
+        model._init_weights(model)
+
+
+def _save_as_bin(model, path):
+    """A compressed checkpoint in the older ``pytorch_model.bin`` form."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    return path / "pytorch_model.bin"
+
+
+def test_bin_checkpoint_shapes_are_checked_against_the_config(tmp_path):
+    model = tiny_model("gpt2").eval()
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    _save_as_bin(model, tmp_path)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = dummy_inputs("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, model(**x).logits)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["rank"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"transformer\.wte\.cores\.\d: checkpoint \(\d+, \d+, \d+, 4\)"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "unsafe"])
+def test_corrupt_bin_checkpoint(tmp_path, damage):
+    model = tiny_model("gpt2")
+    compemb_hf.compress(model, Cfg("tt", rank=4))
+    file = _save_as_bin(model, tmp_path)
+    data = file.read_bytes()
+    if damage == "unsafe":  # a pickled object that weights_only loading refuses
+        torch.save({"x": torch.nn.Linear(2, 2)}, file)
+    else:
+        file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a readable PyTorch .bin "
+                                         "checkpoint"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path)

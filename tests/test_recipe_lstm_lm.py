@@ -114,3 +114,35 @@ def test_learning_rate_flag_is_recorded_and_checked(ptb_cache, tmp_path, capsys)
     with pytest.raises(SystemExit):
         _run(tmp_path / "bad", "--lr", "0")
     assert "argument --lr: must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_resume_continues_a_crashed_run_as_if_uninterrupted(ptb_cache, tmp_path, monkeypatch):
+    import types
+
+    argv = ["--method", "tt", "--rank", "4", "--max-steps", "5", "--checkpoint-every", "2"]
+    whole, expected = _run(tmp_path / "whole", *argv)
+    assert not (whole / "train_state.pt").exists()  # removed once the run is complete
+
+    calls = []
+
+    def crash_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return torch.nn.functional.cross_entropy(*args, **kwargs)
+
+    out = tmp_path / "crashed" / "out"
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr(lstm_lm, "F", types.SimpleNamespace(cross_entropy=crash_at_step_4))
+        lstm_lm.main(["--scale", "smoke", "--no-progress", "--out", str(out), *argv])
+    assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
+    # other settings: refused, naming them
+    with pytest.raises(ValueError, match=r"other settings \(.*total_steps"):
+        lstm_lm.main(["--scale", "smoke", "--no-progress", "--out", str(out), "--resume",
+                      *argv[:-4], "--max-steps", "6", "--checkpoint-every", "2"])
+    _, resumed = _run(tmp_path / "crashed", *argv, "--resume")
+    assert resumed["value"] == expected["value"] and resumed["valid_ppl"] == expected["valid_ppl"]
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "train_state.pt").exists()

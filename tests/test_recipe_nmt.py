@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import compemb
 from recipes import nmt
@@ -178,8 +179,12 @@ def test_fairseq_flags_from_spec():
 
     assert fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"num_codes": 16, "variant": "vq"})) == [
         "--emb-method", "dpq", "--emb-codes", "16", "--emb-variant", "vq"]
-    with pytest.raises(ValueError, match="--temperature has no fairseq_plugin flag"):
-        fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"temperature": 0.5}))
+    assert fairseq_method_flags(compemb.EmbeddingSpec("dpq", {"temperature": 0.5})) == [
+        "--emb-method", "dpq", "--emb-temperature", "0.5"]
+    assert fairseq_method_flags(compemb.EmbeddingSpec(
+        "dpq", {"variant": "vq", "commitment": 0.25, "distance_norm": False})) == [
+        "--emb-method", "dpq", "--emb-variant", "vq", "--emb-commitment", "0.25",
+        "--emb-no-distance-norm"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -205,14 +210,15 @@ def test_method_flag_the_method_cannot_take(bible, tmp_path, capsys):
     assert "--rank cannot be used with --method dpq" in err
 
 
-def test_fairseq_route_refuses_a_setting_it_has_no_flag_for(bible, tmp_path, capsys):
+def test_fairseq_route_refuses_an_option_the_variant_ignores(bible, tmp_path, capsys):
     pytest.importorskip("fairseq")
     from recipes import nmt_fairseq
 
     out = tmp_path / "o"
-    err = _fails_before_training(["--scale", "smoke", "--method", "dpq", "--temperature", "0.5",
-                                  "--out", str(out)], capsys, out, nmt_fairseq)
-    assert "--temperature has no fairseq_plugin flag" in err
+    err = _fails_before_training(["--scale", "smoke", "--method", "dpq", "--variant", "vq",
+                                  "--temperature", "0.5", "--out", str(out)], capsys, out,
+                                 nmt_fairseq)
+    assert "temperature=0.5 has no effect with variant='vq'" in err
 
 
 def test_unwritable_out_stops_before_training(bible, tmp_path, capsys):
@@ -221,3 +227,59 @@ def test_unwritable_out_stops_before_training(bible, tmp_path, capsys):
     err = _fails_before_training(["--scale", "smoke", "--out", str(blocker / "run")], capsys,
                                  blocker / "run")
     assert "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("spec,output", [
+    ({"method": "tt", "rank": 4}, "tied"), ({"method": "tt", "rank": 4}, "untied"),
+    ({"method": "dpq", "num_codes": 8, "num_groups": 8}, "tied"), ({"method": "dense"}, "tied"),
+])
+def test_token_tables_start_at_the_dense_std_by_the_core_rule(spec, output):
+    """The recipe draws its dense token table at d_model**-0.5; the compressed tables start
+    at that std through compemb_hf (the core's init rule), with no rescaling of its own."""
+    import compemb_hf
+
+    torch.manual_seed(0)
+    scale = nmt.SCALES["smoke"]
+    model = nmt.build_model(compemb.EmbeddingSpec.from_dict(spec), 300, scale, output=output)
+    tables = [model.get_input_embeddings()]
+    if output == "untied":
+        tables.append(model.get_output_embeddings().table)
+    for table in tables:
+        table = getattr(table, "embedding", table)  # a ScaledEmbedding's table
+        with torch.no_grad():
+            weight = table.weight if isinstance(table, torch.nn.Embedding) else table.materialize()
+        assert weight.std().item() == pytest.approx(scale["d_model"] ** -0.5, rel=0.1)
+    assert compemb_hf.is_compressed(model) == (spec["method"] != "dense")
+
+
+def test_resume_continues_a_crashed_run_as_if_uninterrupted(bible, tmp_path, monkeypatch):
+    """--resume: the same batches (across an epoch boundary), steps and final model."""
+    argv = ["--scale", "smoke", "--method", "dpq", "--num-codes", "8", "--num-groups", "8",
+            "--threads", "1", "--no-progress", "--max-steps", "15", "--checkpoint-every", "13"]
+    # smoke: 192 training pairs in batches of 16, 12 steps an epoch: saved at step 13 (the
+    # second epoch's first batch), crashed at step 14
+    whole = tmp_path / "whole"
+    nmt.main([*argv, "--out", str(whole)])
+    expected = _results(whole)
+    assert not (whole / "train_state.pt").exists()
+    calls = []
+    loss = nmt.smoothed_loss
+
+    def crash_at_step_14(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 14:
+            raise RuntimeError("simulated crash")
+        return loss(*args, **kwargs)
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr(nmt, "smoothed_loss", crash_at_step_14)
+        nmt.main([*argv, "--out", str(out)])
+    assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
+    nmt.main([*argv, "--resume", "--out", str(out)])
+    resumed = _results(out)
+    assert resumed["valid_loss"] == expected["valid_loss"] and resumed["steps"] == 15
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "train_state.pt").exists()

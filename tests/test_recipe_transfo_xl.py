@@ -133,3 +133,30 @@ def test_wikitext_folder_is_read_as_splits(tmp_path):
     assert ids["train"].numel() == 3 + 1 + 3 + 1 and ids["valid"].tolist()[-2] == vocab.stoi["<unk>"]
     streams = transfo_xl_lm.batchify(torch.arange(10), 3)
     assert streams.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_resume_continues_a_crashed_run_as_if_uninterrupted(ptb_cache, tmp_path, monkeypatch):
+    argv = ["--method", "dpq", "--variant", "sx", "--num-codes", "4", "--num-groups", "8",
+            "--max-steps", "5", "--checkpoint-every", "2"]
+    expected = _run(tmp_path / "whole", *argv)
+    assert not (tmp_path / "whole" / "train_state.pt").exists()
+    calls = []
+    forward = transfo_xl_lm.SegmentLoss.forward
+
+    def crash_at_step_4(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return forward(self, *args, **kwargs)
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+        patch.setattr(transfo_xl_lm.SegmentLoss, "forward", crash_at_step_4)
+        _run(out, *argv)
+    assert (out / "train_state.pt").exists() and not (out / "results.json").exists()
+    resumed = _run(out, *argv, "--resume")
+    assert resumed["value"] == expected["value"] and resumed["steps"] == 5
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "train_state.pt").exists()

@@ -432,3 +432,29 @@ def test_report_splits_a_task_by_training_budget(tmp_path):
     assert "- TT: **met**" in long and "- TT: **missed**" in short
     assert (plots / "lm-transfo-xl-ptb-small-250steps.png").is_file()
     assert (plots / "lm-transfo-xl-ptb-small-1000steps.png").is_file()
+
+
+def test_grid_counts_a_run_as_done_only_with_results_json(tmp_path):
+    """recipes/grid_small.sh: a folder with results.json is skipped; one holding only a
+    crashed run's log is run again (its log kept), with --resume for the LM tasks."""
+    repo = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"
+    # a stand-in for the recipes: records its arguments and writes results.json
+    fake.write_text('#!/bin/sh\nargs="$*"\nwhile [ "$1" != "--out" ]; do shift; done\n'
+                    'echo "$args" > "$2/ran"\necho "{}" > "$2/results.json"\n')
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    done, crashed = runs / "lstm_lm" / "dense", runs / "lstm_lm" / "tt-r8"
+    done.mkdir(parents=True)
+    (done / "log.txt").write_text("finished\n")
+    (done / "results.json").write_text("{}")
+    crashed.mkdir(parents=True)
+    (crashed / "log.txt").write_text("Traceback: killed\n")
+    subprocess.run(["bash", str(repo / "recipes" / "grid_small.sh"), "lstm_lm", str(runs)],
+                   cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, check=True,
+                   capture_output=True, text=True, timeout=120)
+    assert not (done / "ran").exists()  # done: skipped
+    ran = (crashed / "ran").read_text()
+    assert "--method tt --rank 8" in ran and "--resume" in ran
+    assert (crashed / "log.txt.1").read_text() == "Traceback: killed\n"
+    assert (runs / "lstm_lm" / "tt-r16" / "ran").exists()  # never started: run

@@ -154,3 +154,17 @@ def test_model_report_counts_a_tied_compressed_head_once():
     assert [r.name for r in rep.rows] == ["embed", "untied.embedding"]
     assert set(model.state_dict()) == {f"embed.cores.{i}" for i in range(3)} | {
         f"untied.embedding.cores.{i}" for i in range(3)}
+
+
+@pytest.mark.parametrize("method", ["dense", "tt", "tr", "dpq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_from_dense_keeps_the_dtype_and_device_of_the_weight(method, dtype):
+    options = {"tt": {"rank": 4}, "tr": {"rank": 2}, "dpq": {"num_codes": 4, "num_groups": 4},
+               "dense": {}}[method]
+    weight = torch.randn(60, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    layer = compemb.compress_embedding(compemb.EmbeddingSpec(method, options), weight)
+    params = dict(layer.named_parameters())
+    assert params and all(p.dtype == dtype and p.device == weight.device for p in params.values())
+    assert layer(torch.tensor([[1, 2, 3]])).dtype == dtype
+    if method == "dense":
+        assert torch.equal(layer.weight, weight)

@@ -285,6 +285,8 @@ def test_padding_row_is_zero_and_gets_no_gradient(cls):
     (dict(num_embeddings=1000, embedding_dim=64, rank=4, shape=((10, 100), (4, 4, 4))),
      r"shape must be"),
     (dict(num_embeddings=1000, embedding_dim=64, rank=4, num_factors=1), r"num_factors must be"),
+    (dict(num_embeddings=1000, embedding_dim=64, rank=4, shape=((10, 100), (8, 8)), num_factors=3),
+     r"num_factors=3 disagrees with shape .* 2 factors; leave num_factors out .* set it to 2"),
     (dict(num_embeddings=1000, embedding_dim=64, rank=4, padding_idx=1000), r"padding_idx must be"),
     (dict(num_embeddings=0, embedding_dim=64, rank=4), r"num_embeddings must be"),
 ])
@@ -446,3 +448,14 @@ def test_rescale_sets_the_table_std_and_keeps_the_init_structure(cls):
     assert ratios == pytest.approx([ratios[0]] * len(ratios))  # ... the same for all
     with pytest.raises(ValueError, match="std must be > 0"):
         layer.rescale_(0.0)
+
+
+def test_num_factors_comes_from_the_shape_or_defaults_to_three():
+    from compemb import TRConfig, TTConfig
+
+    assert TTConfig(rank=4).num_factors == 3
+    assert TTConfig(rank=4, shape=((10, 100), (8, 8))).num_factors == 2
+    assert TTConfig(rank=4, shape=((10, 100), (8, 8)), num_factors=2).num_factors == 2
+    with pytest.raises(ValueError, match="num_factors=4 disagrees with shape"):
+        TRConfig(rank=4, shape=((10, 10, 10), (4, 4, 4)), num_factors=4)
+    assert TTEmbedding(1000, 64, rank=4, shape=((10, 100), (8, 8))).config.num_factors == 2

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 __all__ = ["DPQConfig", "VARIANTS"]
 
 VARIANTS = ("sx", "vq")
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,11 @@ class DPQConfig:
             (no scale or shift) before the argmax/softmax; running statistics in eval.
         temperature: softmax temperature ``tau`` of ``"sx"`` (> 0); applied after the
             normalisation. It changes only the backward pass (the argmax ignores it).
+            ``"vq"`` has no temperature: any value but the default is a ``ValueError``.
         commitment: weight ``beta`` of the ``"vq"`` commitment term
             ``beta * mean ||q - stopgrad(V[c])||^2`` (reference default 0). The codebook
-            term ``mean ||stopgrad(q) - V[c]||^2`` always has weight 1.
+            term ``mean ||stopgrad(q) - V[c]||^2`` always has weight 1. ``"sx"`` has no
+            commitment term: any value but 0 is a ``ValueError``.
     """
 
     num_codes: int = 32
@@ -35,7 +38,7 @@ class DPQConfig:
     variant: str = "sx"
     shared_subspace: bool = False
     distance_norm: bool = True
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     commitment: float = 0.0
 
     def __post_init__(self) -> None:
@@ -63,6 +66,15 @@ class DPQConfig:
         if not _is_number(self.commitment) or not self.commitment >= 0:
             raise ValueError(f"commitment must be a number >= 0 (0 disables it), got "
                              f"{self.commitment!r}")
+        # options the chosen variant would ignore: refused rather than dropped silently
+        if self.variant == "vq" and self.temperature != DEFAULT_TEMPERATURE:
+            raise ValueError(f"temperature={self.temperature!r} has no effect with variant='vq' "
+                             f"(the softmax temperature is DPQ-SX's); use variant='sx' or leave "
+                             f"temperature at {DEFAULT_TEMPERATURE}")
+        if self.variant == "sx" and self.commitment != 0:
+            raise ValueError(f"commitment={self.commitment!r} has no effect with variant='sx' "
+                             f"(the commitment loss is DPQ-VQ's); use variant='vq' or leave "
+                             f"commitment at 0")
 
 
 def _is_int(value: object) -> bool:

@@ -1,7 +1,7 @@
 """DPQEmbedding: an embedding table trained end to end as discrete codes (DPQ-SX/VQ)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
 from .codebook import CodebookEmbedding, _check_padding, table_logits
+from ..init import check_init_std
 from .config import DPQConfig
 from .math import (check_groups, code_bits, codebook_index, codebook_storage_bytes,
                    distributed_world_size, kmeans, all_reduce_, batch_moments,
@@ -45,10 +46,25 @@ class DPQEmbedding(nn.Module):
     With ``distance_norm`` the scores are batch-normalised per (group, code) over the
     mini-batch's tokens (no scale, no shift) in training, with running statistics
     (``running_mean``, ``running_var`` buffers ``[D, Kc]``, momentum 0.1 as in
-    ``nn.BatchNorm``, saved in ``state_dict``) in eval. Under ``torch.distributed`` with
-    several processes the batch statistics are all-reduced, and so are the matching
-    gradient sums in backward (as ``nn.SyncBatchNorm`` does): every process normalises by
-    the global batch and DDP training matches one process on the whole batch.
+    ``nn.BatchNorm``, saved in ``state_dict``) in eval.
+
+    Several processes (``torch.distributed``): with ``sync_statistics=True`` (default) and
+    a ``process_group`` (default ``None``: the default group, all processes) of more than
+    one process, the batch statistics are all-reduced over that group, and so are the
+    matching gradient sums in backward (as ``nn.SyncBatchNorm`` does), and the VQ token
+    count: every process normalises by the group's batch and DDP training matches one
+    process on the whole batch. These all-reduces are collectives: they run in every
+    training-mode forward with autograd or not (``distance_norm``: the scores'
+    statistics; ``"vq"``: the token count), and in the backward of an SX forward with
+    ``distance_norm``; every process of the group must make the same calls, or the ones
+    that do wait for ever. Eval forwards, ``codes()``, ``export()``, and ``logits()`` /
+    ``materialize()`` (which use the running statistics) never all-reduce. For a forward
+    that only some processes run (rank-0-only evaluation in training mode, uneven loops,
+    independent runs per process) pass ``sync_statistics=False`` (each process uses its
+    own batch), or a ``process_group`` of the processes that run it (model-parallel
+    subgroups: the data-parallel group of this table's replicas). Both are attributes and
+    may be changed between forwards. A pickled layer keeps no process group (``None``);
+    a deep copy shares the original's.
 
     Memory: the ``[U, D, Kc]`` scores are handled a few groups at a time and recomputed
     in the backward pass rather than stored, so training keeps ``O(U*d)`` per batch
@@ -68,8 +84,16 @@ class DPQEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, num_codes: int, num_groups: int,
                  variant: str = "sx", shared_subspace: bool = False, distance_norm: bool = True,
                  temperature: float = 1.0, commitment: float = 0.0,
-                 padding_idx: Optional[int] = None) -> None:
+                 padding_idx: Optional[int] = None, *, process_group: Any = None,
+                 sync_statistics: bool = True, init_std: Optional[float] = None) -> None:
         super().__init__()
+        check_init_std(init_std)
+        if not isinstance(sync_statistics, bool):
+            raise ValueError(f"sync_statistics must be True (all-reduce the batch statistics "
+                             f"over process_group) or False (each process its own), got "
+                             f"{sync_statistics!r}")
+        self.sync_statistics = sync_statistics
+        self.process_group = process_group
         self.config = DPQConfig(num_codes=num_codes, num_groups=num_groups, variant=variant,
                                 shared_subspace=shared_subspace, distance_norm=distance_norm,
                                 temperature=temperature, commitment=commitment)
@@ -100,14 +124,18 @@ class DPQEmbedding(nn.Module):
             self.register_buffer("running_var", None)
         self.codebook_loss: Optional[Tensor] = None
         self.reset_parameters()
+        # (a second draw after the N(0, 1) one: the random stream the entry points drew
+        # before the rule was in the core; none when N(0, 1) is the host's scale too)
+        if init_std is not None and init_std != 1.0:
+            self.reset_parameters(std=init_std)
 
     def reset_parameters(self, std: float = 1.0) -> None:
         """Query, keys and values ~ N(0, std^2) (``std=1`` as ``nn.Embedding``); running
-        stats reset. Frameworks that start their tables smaller (fairseq: ``dim**-0.5``,
-        Transformer-XL: ``init_std``) pass their std: a common scale leaves the codes as
-        they are and gives output rows of that std."""
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
+        stats reset. The init rule (:mod:`compemb.init`): hosts pass the std they give their
+        own dense tables (fairseq: ``dim**-0.5``, Transformer-XL: ``init_std``, transformers:
+        the replaced table's); a common scale leaves the codes as they are and gives output
+        rows of that std."""
+        check_init_std(std, "std")
         with torch.no_grad():
             nn.init.normal_(self.query, std=std)
             nn.init.normal_(self.values, std=std)
@@ -118,6 +146,23 @@ class DPQEmbedding(nn.Module):
             if self.running_mean is not None:
                 self.running_mean.zero_()
                 self.running_var.fill_(1)
+
+    # ------------------------------------------------------------------ processes
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group the training statistics are all-reduced over
+        (``None``: the default group)."""
+        return self.__dict__["_process_group"].group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.__dict__["_process_group"] = _GroupRef(group)
+
+    def _synced(self) -> bool:
+        """Whether this layer's training statistics are all-reduced now (see the class
+        docstring): ``sync_statistics`` and more than one process in ``process_group``."""
+        return self.sync_statistics and distributed_world_size(self.process_group) > 1
 
     @property
     def keys(self) -> Tensor:
@@ -132,7 +177,7 @@ class DPQEmbedding(nn.Module):
         argmax of the (normalised) scores, a few groups at a time; in training also
         updates the running statistics."""
         keys = self.keys.detach().float()
-        sync = training and _synced()
+        sync = training and self._synced()
         codes = q.new_empty(q.shape[0], q.shape[1], dtype=torch.long)
         for c in _group_chunks(q.shape[0], q.shape[1], self.num_codes, sync, q.device):
             k = keys if keys.shape[0] == 1 else keys[c]
@@ -145,7 +190,7 @@ class DPQEmbedding(nn.Module):
             if self.running_mean is not None:  # (views: the update lands in the buffers)
                 scores = normalize_scores(scores, weights, self.running_mean[c],
                                           self.running_var[c], training, self.momentum,
-                                          self.eps, sync)
+                                          self.eps, sync, self.process_group)
             codes[c] = scores.argmax(-1)
         return codes
 
@@ -177,8 +222,9 @@ class DPQEmbedding(nn.Module):
                 out = hard
                 if training and self.variant == "vq":
                     count = weights.detach().sum()
-                    if _synced():  # the mean over the global batch, as one process takes
-                        count = all_reduce_(count) / distributed_world_size()
+                    if self._synced():  # the mean over the group's batch, as one process takes
+                        group = self.process_group
+                        count = all_reduce_(count, group) / distributed_world_size(group)
                     out, loss = _VQStraightThrough.apply(q, hard, weights, count,
                                                          CODEBOOK_LOSS_WEIGHT,
                                                          float(self.config.commitment))
@@ -215,7 +261,52 @@ class DPQEmbedding(nn.Module):
 
     @torch.no_grad()
     def codes(self, chunk: int = 8192) -> Tensor:
-        """``LongTensor [V, D]``: each symbol's codes as in eval (running statistics)."""
+        """``LongTensor [V, D]``: each symbol's codes as in eval (running statistics).
+
+        In eval mode the result is cached (a plain attribute, not in ``state_dict``) and
+        returned again while the tensors it depends on (query, keys, running statistics)
+        are the same tensors with no change since (their ``_version`` counters and data
+        pointers: an optimizer step, ``copy_``, ``.to()`` or ``load_state_dict`` all
+        invalidate it); ``train()`` and ``load_state_dict`` drop it. So eval
+        :meth:`logits` / :meth:`materialize` cost what the exported form's do. Not
+        cached in training mode, under ``torch.compile`` or for inference tensors. Do
+        not modify the returned tensor in place."""
+        key = self._codes_key()
+        cached = self.__dict__.get("_codes_cache")
+        if key is not None and cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        codes = self._compute_codes(chunk)
+        if key is not None:
+            self.__dict__["_codes_cache"] = (key, codes)
+        return codes
+
+    def _codes_key(self) -> Optional[tuple]:
+        """What the eval codes depend on, as ``(tensor, _version, data_ptr)`` triples;
+        ``None`` where no cache is kept (training, compiling, inference tensors)."""
+        if self.training or torch.compiler.is_compiling():
+            return None
+        tensors = [self.query, self.keys]
+        if self.running_mean is not None:
+            tensors += [self.running_mean, self.running_var]
+        if any(t.is_inference() for t in tensors):
+            return None
+        return tuple((t, t._version, t.data_ptr()) for t in tensors)
+
+    def clear_codes_cache(self) -> None:
+        """Drop the cached eval codes (:meth:`codes`); done by ``train()`` and
+        ``load_state_dict``, and needed by hand only after a change that bypasses
+        autograd's version counters (writing through ``.data`` or another framework)."""
+        self.__dict__.pop("_codes_cache", None)
+
+    def train(self, mode: bool = True) -> "DPQEmbedding":
+        self.clear_codes_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
+        self.clear_codes_cache()
+        return super()._apply(fn, recurse)
+
+    def _compute_codes(self, chunk: int) -> Tensor:
         out = []
         for start in range(0, self.num_embeddings, chunk):
             ids = torch.arange(start, min(start + chunk, self.num_embeddings),
@@ -298,7 +389,11 @@ class DPQEmbedding(nn.Module):
         The running statistics are set so that the eval codes are the nearest centroids
         (the k-means assignment): for ``"sx"`` with ``distance_norm`` the running mean of
         code ``k`` is ``||K_k||^2 / 2``, which turns the dot-product argmax into the
-        nearest-centroid one; ``"sx"`` without it picks the largest dot product."""
+        nearest-centroid one; ``"sx"`` without it picks the largest dot product.
+
+        The layer is on ``weight``'s device, its parameters (query, keys, values) in
+        ``weight``'s dtype (k-means runs in float32); the running statistics stay float32
+        (scores are normalised in float32)."""
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"weight must be a [num_embeddings, embedding_dim] tensor, got "
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -327,6 +422,9 @@ class DPQEmbedding(nn.Module):
                         num_groups, num_codes))
                 else:
                     layer.running_mean.zero_()
+        if weight.is_floating_point() and weight.dtype != layer.query.dtype:
+            for param in layer.parameters():
+                param.data = param.data.to(weight.dtype)
         return layer
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -337,6 +435,7 @@ class DPQEmbedding(nn.Module):
         check_state_shapes(type(self).__name__, expected, state_dict, prefix, error_msgs)
         if len(error_msgs) > before:
             return
+        self.clear_codes_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -355,10 +454,25 @@ class DPQEmbedding(nn.Module):
         return s
 
 
-def _synced() -> bool:
-    """Whether batch statistics are shared between processes (torch.distributed with
-    more than one process)."""
-    return distributed_world_size() > 1
+class _GroupRef:
+    """Holds a layer's process group: shared by deep copies (a group cannot be copied),
+    ``None`` once pickled (a group belongs to one process)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> "_GroupRef":
+        return self
+
+    def __reduce__(self):
+        return (_GroupRef, (None,))
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Two :meth:`DPQEmbedding._codes_key` values name the same unchanged tensors."""
+    return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
+
+
 
 
 def _group_chunks(num_groups: int, rows: int, num_codes: int, sync: bool,
@@ -397,7 +511,8 @@ class _SXStraightThrough(torch.autograd.Function):
     def forward(ctx, q, keys, values, weights, layer, batch_stats=True):
         norm = layer.running_mean is not None
         fixed = norm and not batch_stats  # normalise by the running statistics, as eval does
-        sync = _synced() and not fixed
+        sync = layer._synced() and not fixed
+        group = layer.process_group
         num_groups, rows = q.shape[0], q.shape[1]
         codes = q.new_empty(num_groups, rows, dtype=torch.long)
         means, rstds, variances = [], [], []
@@ -410,7 +525,7 @@ class _SXStraightThrough(torch.autograd.Function):
             if fixed:
                 x.sub_(means[0][c].unsqueeze(1)).mul_(rstds[0][c].unsqueeze(1))
             elif norm:
-                mean, var, count = batch_moments(x, weights, sync)
+                mean, var, count = batch_moments(x, weights, sync, group)
                 rstd = torch.rsqrt(var + layer.eps)
                 x.sub_(mean.unsqueeze(1)).mul_(rstd.unsqueeze(1))
                 means.append(mean), variances.append(var), rstds.append(rstd)
@@ -424,6 +539,7 @@ class _SXStraightThrough(torch.autograd.Function):
             mean = rstd = q.new_zeros(0)
         ctx.save_for_backward(q, keys, values, weights, mean, rstd, count)
         ctx.tau, ctx.sync, ctx.norm, ctx.fixed = layer.config.temperature, sync, norm, fixed
+        ctx.group = group
         ctx.mark_non_differentiable(codes)
         return codes, q.new_zeros(num_groups, rows, values.shape[2])
 
@@ -449,7 +565,7 @@ class _SXStraightThrough(torch.autograd.Function):
             elif ctx.norm:
                 sums = torch.stack([gy.sum(1), (gy * y).sum(1)])  # [2, Dc, Kc]
                 if ctx.sync:
-                    all_reduce_(sums)
+                    all_reduce_(sums, ctx.group)
                 y.mul_(sums[1].unsqueeze(1)).add_(sums[0].unsqueeze(1)).mul_(scale)
                 gx = gy.sub_(y).mul_(rstd[c].unsqueeze(1))
             else:

@@ -6,7 +6,7 @@ Shapes: ``V`` symbols, ``d`` embedding dim, ``D`` groups, ``s = d // D`` sub-vec
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -291,23 +291,24 @@ def _nearest(x: Tensor, c: Tensor, block: int = 1 << 22) -> Tensor:
 # --------------------------------------------------------------------------- distance norm
 
 @torch.no_grad()
-def batch_moments(scores: Tensor, weights: Tensor, sync: bool = False
+def batch_moments(scores: Tensor, weights: Tensor, sync: bool = False, group: Any = None
                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """Weighted mean and (biased) variance over rows, per (group, code):
     ``scores [D, U, Kc]``, ``weights [U]`` (tokens each row stands for; 0 leaves a row
     out) ``-> (mean [D, Kc], var [D, Kc], count [])``. Two passes (mean, then squared
-    deviations) for accuracy. With ``sync`` the sums are all-reduced over the default
-    process group first, so every process gets the statistics of the global batch."""
+    deviations) for accuracy. With ``sync`` the sums are all-reduced over ``group``
+    (``None``: the default process group) first, so every process of the group gets the
+    statistics of the group's batch (a collective: every process of it must call this)."""
     w = weights.to(scores.dtype)
     first = torch.cat([torch.matmul(w, scores).reshape(-1), w.sum().reshape(1)])
     if sync:
-        all_reduce_(first)
+        all_reduce_(first, group)
     count = first[-1]
     mean = (first[:-1] / count.clamp_min(1)).view(scores.shape[0], scores.shape[2])
     dev = scores - mean.unsqueeze(1)
     sq = torch.matmul(w, dev.mul_(dev))
     if sync:
-        all_reduce_(sq)
+        all_reduce_(sq, group)
     return mean, sq / count.clamp_min(1), count
 
 
@@ -327,7 +328,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 @torch.no_grad()
 def normalize_scores(scores: Tensor, weights: Optional[Tensor], running_mean: Tensor,
                      running_var: Tensor, training: bool, momentum: float = 0.1,
-                     eps: float = 1e-5, sync: bool = False) -> Tensor:
+                     eps: float = 1e-5, sync: bool = False, group: Any = None) -> Tensor:
     """Distance normalisation: batch normalisation per (group, code), no scale or shift
     (not differentiable: for the argmax; the SX backward is written out in
     ``compemb.dpq.layer``).
@@ -338,26 +339,28 @@ def normalize_scores(scores: Tensor, weights: Optional[Tensor], running_mean: Te
     update the running ones in place (momentum as in ``nn.BatchNorm``); in eval the
     running statistics are used. Returns a new ``[D, U, Kc]`` tensor."""
     if training:
-        mean, var, count = batch_moments(scores, weights, sync)
+        mean, var, count = batch_moments(scores, weights, sync, group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         mean, var = running_mean.to(scores.dtype), running_var.to(scores.dtype)
     return (scores - mean.unsqueeze(1)).mul_(torch.rsqrt(var + eps).unsqueeze(1))
 
 
-def all_reduce_(t: Tensor) -> Tensor:
-    """Sum ``t`` in place over the processes of the default group (not differentiable)."""
+def all_reduce_(t: Tensor, group: Any = None) -> Tensor:
+    """Sum ``t`` in place over the processes of ``group`` (``None``: the default group);
+    not differentiable."""
     import torch.distributed as dist
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t
 
 
-def distributed_world_size() -> int:
-    """Processes in the default group (1 when ``torch.distributed`` is not in use)."""
+def distributed_world_size(group: Any = None) -> int:
+    """Processes in ``group`` (``None``: the default group); 1 when ``torch.distributed``
+    is not in use, and when this process is not a member of ``group``."""
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_initialized():
         return 1
-    return dist.get_world_size()
+    return max(1, dist.get_world_size(group))
 
 
 # --------------------------------------------------------------------------- lookups

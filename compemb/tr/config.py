@@ -18,12 +18,13 @@ class TRConfig:
             ``N`` ranks ``R0..R_{N-1}`` (the ring closes with ``RN = R0``). A ring of rank
             ``R`` has about ``R0`` times the parameters and work of a train of rank ``R``.
         shape: ``((I1..IN), (J1..JN))`` or ``None`` for the automatic choice (as for TT).
-        num_factors: ``N`` (>= 2); taken from ``shape`` when a shape is given.
+        num_factors: ``N`` (>= 2); ``None`` (default): the shape's ``N`` when a shape is
+            given, else 3; a value that disagrees with ``shape`` is a ``ValueError``.
     """
 
     rank: Rank = 8
     shape: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
-    num_factors: int = 3
+    num_factors: Optional[int] = None
 
     def __post_init__(self) -> None:
         normalize_config(self, ring=True)

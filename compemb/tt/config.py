@@ -4,16 +4,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
-__all__ = ["TTConfig", "normalize_tt_options", "normalize_config"]
+__all__ = ["TTConfig", "normalize_tt_options", "normalize_config", "DEFAULT_NUM_FACTORS"]
 
 Rank = Union[int, Tuple[int, ...]]
+
+#: ``num_factors`` when neither it nor a shape is given (the paper's choice).
+DEFAULT_NUM_FACTORS = 3
 
 
 def normalize_tt_options(rank: object, shape: object, num_factors: object, ring: bool
                          ) -> Tuple[Rank, Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]], int]:
     """Check the V/J-independent settings of a TT or TR layer and return them as
     ``(rank, shape, num_factors)`` with tuples for lists. ``num_factors`` is taken from
-    ``shape`` when a shape is given. (The V/J-dependent checks are in
+    ``shape`` when a shape is given (a different ``num_factors`` is a ``ValueError``);
+    ``None`` without a shape means :data:`DEFAULT_NUM_FACTORS`. (The V/J-dependent checks are in
     :func:`compemb.tt.math.check_shape` and :func:`compemb.tt.math.choose_shape`.)"""
     if shape is not None:
         try:
@@ -28,7 +32,14 @@ def normalize_tt_options(rank: object, shape: object, num_factors: object, ring:
             raise ValueError(
                 f"shape must be ((I1, .., IN), (J1, .., JN)): two tuples of the same length "
                 f"N >= 2 of positive ints, got {shape!r}")
+        if num_factors is not None and num_factors != len(shape[0]):
+            raise ValueError(
+                f"num_factors={num_factors!r} disagrees with shape {shape!r}, which has "
+                f"{len(shape[0])} factors; leave num_factors out (it is taken from the shape) "
+                f"or set it to {len(shape[0])}")
         num_factors = len(shape[0])
+    elif num_factors is None:
+        num_factors = DEFAULT_NUM_FACTORS
     if not _is_int(num_factors) or num_factors < 2:
         raise ValueError(f"num_factors must be an integer >= 2 (3 is the paper's choice), "
                          f"got {num_factors!r}")
@@ -73,13 +84,14 @@ class TTConfig:
         shape: ``((I1..IN), (J1..JN))`` with ``prod(Ik) >= num_embeddings`` (extra rows are
             padding) and ``prod(Jk) == embedding_dim``; ``None`` picks near-equal ``Ik``
             with the least padding and the most balanced exact split of ``J``.
-        num_factors: ``N``, the number of cores (>= 2); taken from ``shape`` when a shape
-            is given.
+        num_factors: ``N``, the number of cores (>= 2); ``None`` (default): the shape's
+            ``N`` when a shape is given, else 3. A value that disagrees with ``shape`` is a
+            ``ValueError``. Always an int after construction.
     """
 
     rank: Rank = 16
     shape: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
-    num_factors: int = 3
+    num_factors: Optional[int] = None
 
     def __post_init__(self) -> None:
         normalize_config(self, ring=False)

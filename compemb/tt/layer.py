@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
 from . import math as ttm
+from ..init import check_init_std
 from .config import TTConfig
 
 __all__ = ["TTEmbedding", "TensorNetworkEmbedding"]
@@ -56,8 +57,10 @@ class TensorNetworkEmbedding(nn.Module):
     config_cls: type = TTConfig
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: Rank, shape: ShapeArg = None,
-                 num_factors: int = 3, padding_idx: Optional[int] = None) -> None:
+                 num_factors: Optional[int] = None, padding_idx: Optional[int] = None,
+                 init_std: Optional[float] = None) -> None:
         super().__init__()
+        check_init_std(init_std)
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -73,15 +76,21 @@ class TensorNetworkEmbedding(nn.Module):
         self.padding_idx = _check_padding_idx(padding_idx, num_embeddings)
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(s)) for s in ttm.core_shapes(self.shape, self.ranks)])
-        self.reset_parameters()
+        self.reset_parameters(std=init_std)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, std: Optional[float] = None) -> None:
         """Paper eq. (2), any ranks: every core element ~ N(0, s^2) with ``s`` from
-        :func:`compemb.tt.math.init_std`, so the table has mean 0 and variance 2/(V+J)."""
-        std = ttm.init_std(self.num_embeddings, self.embedding_dim, self.ranks, self.ring)
+        :func:`compemb.tt.math.init_std`, so the table has mean 0 and variance 2/(V+J).
+        With ``std`` (the init rule, :mod:`compemb.init`: the row std the host model gives
+        its own dense table) the cores are then scaled by one common factor so that the
+        table has that std (:meth:`rescale_`)."""
+        check_init_std(std)
+        scale = ttm.init_std(self.num_embeddings, self.embedding_dim, self.ranks, self.ring)
         with torch.no_grad():
             for core in self.cores:
-                core.normal_(0.0, std)
+                core.normal_(0.0, scale)
+        if std is not None and not self.cores[0].is_meta:  # (meta: no values to scale)
+            self.rescale_(std)
 
     @torch.no_grad()
     def rescale_(self, std: float) -> None:
@@ -166,7 +175,8 @@ class TensorNetworkEmbedding(nn.Module):
     _decompose: Callable[[Tensor, ttm.Shape, Sequence[int]], List[Tensor]]
 
     @classmethod
-    def from_dense(cls, weight: Tensor, rank: Rank, shape: ShapeArg = None, num_factors: int = 3,
+    def from_dense(cls, weight: Tensor, rank: Rank, shape: ShapeArg = None,
+                   num_factors: Optional[int] = None,
                    padding_idx: Optional[int] = None) -> "TensorNetworkEmbedding":
         """A layer whose cores approximate the trained table ``weight [V, J]`` (TT-SVD or
         TR-SVD, see ``_decompose``), on ``weight``'s device and in its dtype; the padding
@@ -187,6 +197,11 @@ class TensorNetworkEmbedding(nn.Module):
             for param, core in zip(layer.cores, cores):
                 param.copy_(core)
         return layer
+
+    def export(self) -> "TensorNetworkEmbedding":
+        """The inference form: the layer itself (training and inference store the same
+        cores)."""
+        return self
 
     # ------------------------------------------------------------------ reporting, loading
     def storage(self) -> LayerStorage:
@@ -239,14 +254,17 @@ class TTEmbedding(TensorNetworkEmbedding):
         rank: an int or the ``N-1`` inner ranks.
         shape: ``((I1..IN), (J1..JN))`` or ``None`` (automatic, see
             :func:`compemb.tt.math.choose_shape`).
-        num_factors: ``N`` when ``shape`` is ``None``.
+        num_factors: ``N`` when ``shape`` is ``None`` (default 3); with a shape, leave it
+            out or give the shape's ``N`` (another value is a ``ValueError``).
         padding_idx: a row that is always zero and gets no gradient.
 
     Attributes: ``cores`` (``nn.ParameterList``), ``shape``, ``ranks`` (the full tuple
     ``(1, R1, .., R_{N-1}, 1)``), ``config`` (:class:`TTConfig`).
 
     Init: paper eq. (2) for any ranks (:func:`compemb.tt.math.init_std`): the table has mean
-    0 and variance ``2/(V+J)``. ``from_dense`` starts from a trained table by TT-SVD.
+    0 and variance ``2/(V+J)``; with ``init_std`` (the init rule of :mod:`compemb.init`)
+    the cores are then scaled by one factor so that the table's std is ``init_std``.
+    ``from_dense`` starts from a trained table by TT-SVD.
     """
 
     ring = False

@@ -660,17 +660,15 @@ def _should_compress(layer: nn.Module, dense_entries: int, dense_below: int) -> 
 
 def _build_table(spec, weight: Tensor, from_dense: bool, init_std: float = 0.02) -> nn.Module:
     """A compemb layer for ``weight``'s table: compressed from it, or freshly built. A
-    fresh DPQ layer is drawn at the model's ``init_std``, the std of the dense word tables
-    it replaces (``DPQEmbedding.reset_parameters(std)``: query, keys and values at that
-    std, so output rows have it); TT/TR keep their own (Glorot-like) initialisation."""
+    fresh layer of any method starts at the model's ``init_std``, the std of the dense
+    word tables it replaces (the core's init rule, ``build_embedding(..., init_std=)``:
+    TT/TR cores scaled by one factor, DPQ query, keys and values drawn at it)."""
     from compemb import build_embedding, compress_embedding
 
     if from_dense:
         layer = compress_embedding(spec, weight.detach().float())
     else:
-        layer = build_embedding(spec, weight.shape[0], weight.shape[1])
-        if spec.method == "dpq":
-            layer.reset_parameters(std=init_std)
+        layer = build_embedding(spec, weight.shape[0], weight.shape[1], init_std=init_std)
     if weight.device.type != "meta":
         layer = layer.to(device=weight.device)
     if weight.dtype != torch.float32 and weight.is_floating_point():

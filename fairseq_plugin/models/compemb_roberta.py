@@ -18,6 +18,10 @@ from ..build import (CompressionRecord, build_output_layer, build_token_embeddin
                      compression_record, log_report)
 from ..flags import add_flags, resolve_softmax, spec_from_args
 
+#: the std RoBERTa (fairseq's init_bert_params) gives its dense token embedding: every
+#: method's table starts at it (the core's init rule, compemb.init)
+BERT_INIT_STD = 0.02
+
 
 def _softmax_mode(args) -> str:
     untie = bool(getattr(args, "untie_weights_roberta", False))
@@ -54,12 +58,13 @@ class CompembRobertaEncoder(RobertaEncoder):
                                             dictionary.pad())
         self.sentence_encoder = self.build_encoder(args, dictionary, embed_tokens)
         output = build_output_layer(args, softmax, embed_tokens, len(dictionary),
-                                    args.encoder_embed_dim, bias=True)
+                                    args.encoder_embed_dim, bias=True, init_std=BERT_INIT_STD)
         self.lm_head = CompembLMHead(args.encoder_embed_dim, args.activation_fn, output)
 
     def build_embedding(self, vocab_size, embedding_dim, padding_idx):
         return build_token_embedding(self.args, vocab_size, embedding_dim, padding_idx,
-                                     what=f"embedding of the {vocab_size}-symbol dictionary")
+                                     what=f"embedding of the {vocab_size}-symbol dictionary",
+                                     init_std=BERT_INIT_STD)
 
 
 @register_model("compemb_roberta")
@@ -68,10 +73,12 @@ class CompembRobertaModel(CompressionRecord, RobertaModel):
     ``--emb-*``, ``--softmax``)."""
 
     def __init__(self, args, encoder):
-        # RobertaModel.__init__ re-initialises every nn.Linear / nn.Embedding BERT-style;
-        # the compressed layers keep the initialisation of their method
+        # RobertaModel.__init__ re-initialises every nn.Linear / nn.Embedding BERT-style
+        # (std 0.02, what a dense token table gets); the compressed layers, started at that
+        # std by the core's init rule, keep their own structure (TT cores, DPQ codebooks)
         compressed = {name: {k: v.clone() for k, v in m.state_dict().items()}
-                      for name, m in encoder.named_modules() if hasattr(m, "storage")}
+                      for name, m in encoder.named_modules()
+                      if hasattr(m, "materialize") and not isinstance(m, nn.Embedding)}
         super().__init__(args, encoder)
         for name, state in compressed.items():
             encoder.get_submodule(name).load_state_dict(state)

@@ -20,7 +20,8 @@ import compemb
 from .packages import DataUnavailable
 
 __all__ = ["METHOD_FLAGS", "add_method_args", "spec_from_args", "check_output_dir",
-           "hardware", "num_processes", "write_results", "model_bytes", "base_result"]
+           "hardware", "num_processes", "write_results", "model_bytes", "base_result",
+           "add_resume_args", "TrainingState", "TRAINING_STATE"]
 
 
 
@@ -259,3 +260,86 @@ def preflight(parser: argparse.ArgumentParser, args: argparse.Namespace, num_emb
         print(f"checked: {spec.to_json()}, data and --out {args.out} are usable")
         return None
     return spec, data
+
+
+# --------------------------------------------------------------------------- resuming
+
+#: the file in ``--out`` holding the state of a run that has not finished
+TRAINING_STATE = "train_state.pt"
+
+
+def add_resume_args(parser: argparse.ArgumentParser, every: int = 200) -> None:
+    """``--resume`` and ``--checkpoint-every`` (recipes with long training loops)."""
+    group = parser.add_argument_group("resuming")
+    group.add_argument("--resume", action="store_true",
+                       help=f"continue the run whose {TRAINING_STATE} is in --out (written every "
+                            f"--checkpoint-every steps, removed when the run finishes); starts "
+                            f"from scratch when there is none. The settings must be the run's")
+    group.add_argument("--checkpoint-every", type=at_least(1), default=every,
+                       help=f"steps between saves of {TRAINING_STATE} (default {every})")
+
+
+class TrainingState:
+    """Periodic saves of a training loop's state to ``out/train_state.pt`` and the resume
+    from it: the (unwrapped) model's and the optimizer's and scheduler's state dicts, the
+    step, the loop's own position (``extra``: data offsets, recurrent state ...), torch's
+    RNG state, and ``settings`` (what defines the run: a resume with other settings is a
+    ``ValueError`` naming them). Written atomically by the main process; read with
+    ``torch.load(weights_only=True)``. A resumed run makes the same steps as an
+    uninterrupted one (same data order, dropout masks and learning rates)."""
+
+    def __init__(self, out: Path, settings: Dict[str, Any], accelerator, every: int = 200,
+                 resume: bool = False) -> None:
+        self.path = Path(out) / TRAINING_STATE
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.accelerator = accelerator
+        self.every = every
+        self.resume = resume
+
+    def load(self, model: nn.Module, optimizer, scheduler) -> Optional[Dict[str, Any]]:
+        """With ``--resume`` and a saved state: restore it into ``model`` (unwrapped),
+        ``optimizer`` and ``scheduler``; returns ``{"step": n, **extra}``. Else ``None``."""
+        if not self.resume or not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("settings") != self.settings:
+            theirs, ours = state.get("settings") or {}, self.settings
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"--resume: {self.path} was written by a run with other settings "
+                             f"({', '.join(differ)} differ); resume with that run's flags or "
+                             f"use another --out")
+        target = self.accelerator.unwrap_model(model)
+        # the keys state_dict() gives (a compressed transformers model leaves out the
+        # buffers of a table's aliases, which strict loading would call missing)
+        if set(state["model"]) != set(target.state_dict()):
+            raise ValueError(f"--resume: {self.path} does not hold this model's tensors; use "
+                             f"another --out")
+        target.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.accelerator.print(f"resumed from {self.path} at step {state['step']}")
+        return {"step": state["step"], **state["extra"]}
+
+    def maybe_save(self, step: int, model: nn.Module, optimizer, scheduler,
+                   extra: Dict[str, Any]) -> None:
+        """Save every ``every`` steps (main process; the others wait for it)."""
+        if step % self.every:
+            return
+        if self.accelerator.is_main_process:
+            state = {"settings": self.settings, "step": step, "extra": extra,
+                     "model": self.accelerator.unwrap_model(model).state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "rng": torch.get_rng_state()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> None:
+        """The run is complete (its results are written): its state is no longer needed."""
+        if self.accelerator.is_main_process:
+            self.path.unlink(missing_ok=True)

@@ -30,7 +30,8 @@ class BiLSTMClassifier(nn.Module):
                  hidden_size: int = 128, num_layers: int = 2, num_classes: int = 2,
                  dropout: float = 0.5) -> None:
         super().__init__()
-        self.embedding = compemb.build_embedding(spec, vocab_size, embedding_dim)
+        # every method starts at nn.Embedding's N(0, 1), the dense table's (compemb.init)
+        self.embedding = compemb.build_embedding(spec, vocab_size, embedding_dim, init_std=1.0)
         self.drop = nn.Dropout(dropout)
         self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True,
                             bidirectional=True, dropout=dropout if num_layers > 1 else 0.0)

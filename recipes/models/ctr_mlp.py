@@ -28,7 +28,8 @@ class CTRMLP(nn.Module):
     def __init__(self, num_fields: int, buckets: int, embedding_dim: int, spec: compemb.EmbeddingSpec,
                  hidden: Sequence[int] = (256, 128), dropout: float = 0.1) -> None:
         super().__init__()
-        self.embedding = compemb.build_embedding(spec, buckets, embedding_dim)
+        # every method starts at nn.Embedding's N(0, 1), the dense table's (compemb.init)
+        self.embedding = compemb.build_embedding(spec, buckets, embedding_dim, init_std=1.0)
         layers = []
         width = num_fields * embedding_dim
         for size in hidden:

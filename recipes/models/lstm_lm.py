@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 import compemb
@@ -20,11 +19,11 @@ class LSTMLanguageModel(nn.Module):
             baseline).
         output: ``"tied"`` (the softmax uses the input embedding's table), ``"untied"``
             (a second table built from the same spec), ``"dense"`` (a plain Linear).
-        init_std: std of every table's rows at the start, whatever the method (the usual
-            small PTB init; DPQ's own N(0, 1) gives a tied softmax logits far too large).
-            TT/TR cores keep the shape of the paper's init (eq. (2)) and are scaled by a
-            common factor: at the Glorot std (0.014 here) a tied TT softmax stayed near
-            the unigram perplexity after an epoch (648), at 0.05 it reached 420.
+        init_std: std of the dense table's rows at the start (the usual small PTB init);
+            every method's table starts at it through the core's init rule
+            (``build_embedding(..., init_std=...)``, :mod:`compemb.init`): at the Glorot
+            std (0.014 here) a tied TT softmax stayed near the unigram perplexity after an
+            epoch (648), at 0.05 it reached 420.
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int,
@@ -57,12 +56,5 @@ class LSTMLanguageModel(nn.Module):
 
 def _table(spec: compemb.EmbeddingSpec, num_embeddings: int, embedding_dim: int,
            init_std: float) -> nn.Module:
-    layer = compemb.build_embedding(spec, num_embeddings, embedding_dim)
-    with torch.no_grad():
-        if isinstance(layer, compemb.DPQEmbedding):
-            layer.reset_parameters(std=init_std)
-        elif isinstance(layer, nn.Embedding):
-            nn.init.normal_(layer.weight, std=init_std)
-        elif hasattr(layer, "rescale_"):  # TT / TR
-            layer.rescale_(init_std)
-    return layer
+    # the core's one init rule (compemb.init): every method starts at the dense table's std
+    return compemb.build_embedding(spec, num_embeddings, embedding_dim, init_std=init_std)
