@@ -21,7 +21,7 @@ calibration file):
 * ``legal``: licence texts of ``/usr/share/common-licenses``: evaluation on
   :data:`LEGAL_EVAL`, calibration on :data:`LEGAL_CALIB`.
 
-Rows: dense; round-to-nearest of the table (min-max per row with a float32 scale and
+Rows (``--rows``; default :func:`default_rows`): dense; round-to-nearest of the table (min-max per row with a float32 scale and
 offset, or per group of 32 with float16 ones) at 8/4/3/2 bits; TT and DPQ fitted by
 :func:`compemb_hf.compress_pretrained` at each ratio, without and with the distillation.
 The causal LM reports perplexity per corpus (and its change against dense), MiniLM the
@@ -169,6 +169,15 @@ def sentence_embeddings(model, tokenizer, texts: List[str], batch: int = 64) -> 
 
 
 # ------------------------------------------------------------------------------ baselines
+def _rtn_row(model, table: torch.Tensor, spec: str) -> dict:
+    """Round ``model``'s input table (tied: the head too) by ``spec`` = ``rtn:BITS:row|g32``."""
+    _, bits, kind = spec.split(":")
+    q, nbytes = round_to_nearest(table, int(bits), None if kind == "row" else 32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(q)
+    return {"row": f"rtn int{bits} {kind}", "bytes": nbytes}
+
+
 def round_to_nearest(weight: torch.Tensor, bits: int, group: Optional[int]) -> tuple:
     """``(table, stored_bytes)``: asymmetric min-max rounding to ``2**bits`` levels per row
     (float32 scale and offset) or per group of ``group`` values (float16 ones)."""
@@ -214,53 +223,55 @@ def run_causal(args) -> None:
     def evaluate(model) -> Dict[str, float]:
         return {name: perplexity(model, w) for name, w in windows.items()}
 
-    base = evaluate(dense)
-    _write(out, {"model": "smollm2", "row": "dense", "bytes": table_bytes, "ratio": 1.0, "ppl": base})
-    if "rtn" in args.rows:
-        for bits in RTN_BITS:
-            for group in (None, 32):
-                model = copy.deepcopy(dense)
-                q, nbytes = round_to_nearest(table, bits, group)
-                with torch.no_grad():
-                    model.get_input_embeddings().weight.copy_(q)
-                _write(out, {"model": "smollm2", "row": f"rtn int{bits} {'g32' if group else 'row'}",
-                             "bytes": nbytes, "ratio": table_bytes / nbytes, "ppl": evaluate(model)})
-                del model
-    # calibration sources: shared by the rows (sampling costs the same for each; its time
-    # is reported beside every row that uses it)
-    t = time.monotonic()
-    sampled = sample_tokens(dense, args.sample, seed=args.seed, progress=False)
-    sample_secs = time.monotonic() - t
-    calib_sources = {
-        "sampled": [sampled],
-        "ptb+sampled": sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]}) + [sampled],
-    }
-    plans = []
+    earlier = [json.loads(line) for line in out.read_text().splitlines()
+               if line.strip()] if out is not None and out.is_file() else []
+    dense_row = next((r for r in earlier if r.get("model") == "smollm2" and r.get("row") == "dense"
+                      and r.get("eval_tokens") == EVAL_TOKENS), None)
+    if dense_row is None:  # a run appending to an earlier one reuses its dense figures
+        dense_row = {"model": "smollm2", "row": "dense", "bytes": table_bytes, "ratio": 1.0,
+                     "eval_tokens": EVAL_TOKENS, "window": WINDOW, "ppl": evaluate(dense)}
+        _write(out, dense_row)
+    base = dense_row["ppl"]
+    sources: Dict[str, list] = {}
+
+    def calibration_sources(name: str) -> list:
+        """The sampled text is drawn once and shared (its time is reported with each row)."""
+        if "sampled" not in sources:
+            t = time.monotonic()
+            sources["sampled"] = [sample_tokens(dense, args.sample, seed=args.seed, progress=False)]
+            sources["sampling seconds"] = time.monotonic() - t
+            sources["ptb+sampled"] = (sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]})
+                                      + sources["sampled"])
+        return sources[name]
+
     for spec in args.rows:
-        if spec == "rtn":
-            continue
-        method, ratio, source, minutes = spec.split(":")  # dpq:10:ptb+sampled:0
-        plans.append((method, float(ratio), source, float(minutes)))
-    for method, ratio, source, minutes in plans:
         model = copy.deepcopy(dense)
-        t = time.monotonic()
-        result = compemb_hf.compress_pretrained(
-            model, method, ratio, sources=calib_sources[source], sample=0,
-            calibration_minutes=minutes or None, seed=args.seed, progress=False,
-            exact_share=args.exact_share)
-        secs = time.monotonic() - t
-        report = compemb.compression_report(model)
-        row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
-               "target": ratio, "source": source, "calibration_minutes": minutes,
-               "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
-               "ratio": table_bytes / report.embedding_stored_bytes,
-               "seconds": {**result.seconds, "sampling (shared)": sample_secs,
-                           "total": secs + sample_secs},
-               "ppl": evaluate(model)}
-        if result.calibration is not None:
-            c = result.calibration
-            row["calibration"] = {"steps": c.steps, "heldout_before": c.heldout_before,
-                                  "heldout_after": c.heldout_after}
+        if spec.startswith("rtn:"):
+            row = _rtn_row(model, table, spec)
+            row.update(model="smollm2", ratio=table_bytes / row["bytes"], ppl=evaluate(model))
+        else:
+            method, ratio, source, minutes = spec.split(":")  # dpq:10:ptb+sampled:0
+            ratio, minutes = float(ratio), float(minutes)
+            chosen = calibration_sources(source)
+            t = time.monotonic()
+            result = compemb_hf.compress_pretrained(
+                model, method, ratio, sources=chosen, sample=0,
+                calibration_minutes=minutes or None, seed=args.seed, progress=False,
+                exact_share=args.exact_share)
+            secs = time.monotonic() - t
+            report = compemb.compression_report(model)
+            row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
+                   "target": ratio, "source": source, "calibration_minutes": minutes,
+                   "seed": args.seed, "plan": result.plan.describe(),
+                   "bytes": report.embedding_stored_bytes,
+                   "ratio": table_bytes / report.embedding_stored_bytes,
+                   "seconds": {**result.seconds, "sampling (shared)": sources["sampling seconds"],
+                               "total": secs + sources["sampling seconds"]},
+                   "ppl": evaluate(model)}
+            if result.calibration is not None:
+                c = result.calibration
+                row["calibration"] = {"steps": c.steps, "heldout_before": c.heldout_before,
+                                      "heldout_after": c.heldout_after}
         row["delta"] = {k: row["ppl"][k] / base[k] - 1 for k in base}
         _write(out, row)
         del model
@@ -289,18 +300,12 @@ def run_minilm(args) -> None:
 
     _write(out, {"model": "minilm", "row": "dense", "bytes": table_bytes, "ratio": 1.0,
                  "cosine": evaluate(dense)})
-    if "rtn" in args.rows:
-        for bits in RTN_BITS:
-            for group in (None, 32):
-                model = copy.deepcopy(dense)
-                q, nbytes = round_to_nearest(table, bits, group)
-                with torch.no_grad():
-                    model.get_input_embeddings().weight.copy_(q)
-                _write(out, {"model": "minilm", "row": f"rtn int{bits} {'g32' if group else 'row'}",
-                             "bytes": nbytes, "ratio": table_bytes / nbytes,
-                             "cosine": evaluate(model)})
     for spec in args.rows:
-        if spec == "rtn":
+        if spec.startswith("rtn:"):
+            model = copy.deepcopy(dense)
+            row = _rtn_row(model, table, spec)
+            row.update(model="minilm", ratio=table_bytes / row["bytes"], cosine=evaluate(model))
+            _write(out, row)
             continue
         method, ratio, source, minutes = spec.split(":")
         model = copy.deepcopy(dense)
@@ -409,21 +414,23 @@ def plot(path: Path, png: Path) -> None:
 
 
 def default_rows(minutes: float) -> List[str]:
-    rows = ["rtn"]
-    for method in ("dpq", "tt"):
-        for ratio in RATIOS:
-            rows.append(f"{method}:{ratio}:ptb+sampled:0")
-            rows.append(f"{method}:{ratio}:ptb+sampled:{minutes}")
-        rows.append(f"{method}:10:sampled:0")
-        rows.append(f"{method}:10:sampled:{minutes}")
-    return rows
+    """Every row of the issue, the most telling first (a long run reports as it goes)."""
+    m = f"{minutes:g}"
+    first = ["dpq:10:sampled:0", "dpq:10:ptb+sampled:0", "rtn:4:row", "rtn:3:row",
+             "tt:10:ptb+sampled:0", f"dpq:10:ptb+sampled:{m}", f"dpq:10:sampled:{m}",
+             "rtn:4:g32", "rtn:3:g32", "tt:10:sampled:0", f"tt:10:ptb+sampled:{m}"]
+    rest = [f"{method}:{ratio}:ptb+sampled:0" for method in ("dpq", "tt") for ratio in (4, 16, 32)]
+    rest += ["rtn:8:row", "rtn:8:g32", "rtn:2:row", "rtn:2:g32"]
+    rest += [f"{method}:{ratio}:ptb+sampled:{m}" for method in ("dpq", "tt") for ratio in (4, 16, 32)]
+    return first + rest
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
-    parser.add_argument("--rows", nargs="*", help="'rtn' and METHOD:RATIO:SOURCE:MINUTES "
-                        "(SOURCE: sampled or ptb+sampled; MINUTES 0: no distillation)")
+    parser.add_argument("--rows", nargs="*", help="rtn:BITS:row|g32 and METHOD:RATIO:SOURCE:MINUTES "
+                        "(SOURCE: sampled or ptb+sampled, minilm: ptb; MINUTES 0: no "
+                        "distillation); default: every row, the most telling first")
     parser.add_argument("--calibration-minutes", type=float, default=5.0)
     parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
     parser.add_argument("--exact-share", type=float, default=None)

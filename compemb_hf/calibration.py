@@ -29,6 +29,10 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_SAMPLE_TOKENS = 8192
 #: Sequences generated at once when sampling.
 SAMPLE_BATCH = 8
+#: Parameters of the compressed layers that calibration leaves as fitted: the ``d x d``
+#: transform of a :class:`compemb.fit.FittedEmbedding` couples every row (Adam's step
+#: moves all ``d*d`` entries at once, a large random change of the whole table).
+FROZEN = ("transform",)
 
 Texts = Union[None, str, Sequence[str], Mapping[str, Sequence[str]]]
 
@@ -310,7 +314,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
               minutes: Optional[float] = None, steps: Optional[int] = None,
               tokenizer: Any = None, sources: Optional[Sequence[CalibrationSource]] = None,
               sample: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 2,
-              lr: float = 0.01, eval_every: int = 10, seed: int = 0,
+              lr: float = 1e-3, eval_every: int = 10, seed: int = 0,
               progress: bool = True) -> CalibrationResult:
     """Train only the compressed tables of ``model`` so that it matches the dense
     ``teacher``: logit KL for language models, hidden states for encoders. In place.
@@ -336,7 +340,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
             leaves the model worse on them than it started.
 
     Trained: every floating parameter of the compressed layers (codebook values, TT cores,
-    transforms, exact rows); everything else is frozen during the call and restored after.
+    exact rows, logit bias) but the transforms (:data:`FROZEN`); everything else is frozen
+    during the call and restored after.
     A progress bar shows the loss and the time left. ``ValueError`` for a model that is
     not compressed, a missing teacher, an encoder without text, or bad budgets.
     """
@@ -379,7 +384,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
     params: Dict[str, nn.Parameter] = {}
     for path, layer in layers.items():
         for name, p in layer.named_parameters():
-            if p.is_floating_point():
+            if p.is_floating_point() and name not in FROZEN:
                 params[f"{path}.{name}"] = p
     frozen = {id(p): p.requires_grad for p in model.parameters()}
     ids = {id(p) for p in params.values()}

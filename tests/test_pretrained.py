@@ -128,7 +128,8 @@ def test_calibration_lowers_the_loss_and_trains_only_the_tables(lm, tokenizer):
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k  # the teacher is never changed
     assert all(p.requires_grad for p in lm.parameters())  # frozen only during the call
-    assert "model.embed_tokens.transform" in result.trained
+    assert "model.embed_tokens.transform" not in result.trained  # kept as fitted
+    assert "model.embed_tokens.logit_bias" in result.trained
 
 
 def test_calibrate_without_text_samples_from_the_teacher(lm, tokenizer):
