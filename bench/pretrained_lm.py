@@ -413,15 +413,20 @@ def plot(path: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def default_rows(minutes: float) -> List[str]:
+def default_rows(minutes: float, model: str = "smollm2") -> List[str]:
     """Every row of the issue, the most telling first (a long run reports as it goes)."""
     m = f"{minutes:g}"
-    first = ["dpq:10:sampled:0", "dpq:10:ptb+sampled:0", "rtn:4:row", "rtn:3:row",
-             "tt:10:ptb+sampled:0", f"dpq:10:ptb+sampled:{m}", f"dpq:10:sampled:{m}",
-             "rtn:4:g32", "rtn:3:g32", "tt:10:sampled:0", f"tt:10:ptb+sampled:{m}"]
-    rest = [f"{method}:{ratio}:ptb+sampled:0" for method in ("dpq", "tt") for ratio in (4, 16, 32)]
-    rest += ["rtn:8:row", "rtn:8:g32", "rtn:2:row", "rtn:2:g32"]
-    rest += [f"{method}:{ratio}:ptb+sampled:{m}" for method in ("dpq", "tt") for ratio in (4, 16, 32)]
+    if model == "minilm":
+        first = ["rtn:4:row", "rtn:3:row", "rtn:4:g32", "rtn:3:g32", "rtn:8:row", "rtn:2:g32",
+                 "dpq:10:ptb:0", "tt:10:ptb:0", f"dpq:10:ptb:{m}", f"tt:10:ptb:{m}"]
+        rest = [f"{meth}:{r}:ptb:0" for meth in ("dpq", "tt") for r in (4, 16, 32)]
+        return first + rest + [f"dpq:32:ptb:{m}", f"tt:32:ptb:{m}"]
+    first = ["dpq:10:sampled:0", "dpq:10:ptb+sampled:0", f"dpq:10:ptb+sampled:{m}",
+             "rtn:4:row", "rtn:3:row", "tt:10:ptb+sampled:0", f"dpq:10:sampled:{m}",
+             "rtn:4:g32", "rtn:3:g32", f"tt:10:ptb+sampled:{m}", "tt:10:sampled:0"]
+    rest = [f"{meth}:{r}:ptb+sampled:0" for meth in ("dpq", "tt") for r in (4, 16, 32)]
+    rest += ["rtn:8:row", "rtn:2:g32", "rtn:8:g32", "rtn:2:row"]
+    rest += [f"{meth}:{r}:ptb+sampled:{m}" for meth in ("dpq", "tt") for r in (4, 16, 32)]
     return first + rest
 
 
@@ -431,7 +436,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", nargs="*", help="rtn:BITS:row|g32 and METHOD:RATIO:SOURCE:MINUTES "
                         "(SOURCE: sampled or ptb+sampled, minilm: ptb; MINUTES 0: no "
                         "distillation); default: every row, the most telling first")
-    parser.add_argument("--calibration-minutes", type=float, default=5.0)
+    parser.add_argument("--calibration-minutes", type=float, default=10.0,
+                        help="budget of the calibrated rows (SmolLM2; MiniLM rows name theirs)")
     parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
     parser.add_argument("--exact-share", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -448,7 +454,8 @@ def main(argv=None) -> None:
         from compemb.fit import DEFAULT_EXACT_SHARE
 
         args.exact_share = DEFAULT_EXACT_SHARE
-    args.rows = args.rows or default_rows(args.calibration_minutes)
+    args.rows = args.rows or default_rows(
+        args.calibration_minutes if args.model == "smollm2" else 2.0, args.model)
     if args.table_errors:
         return table_errors(args)
     (run_causal if args.model == "smollm2" else run_minilm)(args)

@@ -1,0 +1,47 @@
+"""bench/pretrained_lm.py: the round-to-nearest baseline and the plot (the perplexity runs
+themselves need the packaged models and take hours on a CPU: they are a benchmark)."""
+import json
+
+import pytest
+import torch
+
+from bench.pretrained_lm import LEGAL_CALIB, LEGAL_EVAL, PY_CALIB, PY_EVAL, default_rows, plot, round_to_nearest
+
+
+def test_round_to_nearest_levels_bytes_and_error():
+    w = torch.randn(64, 96)
+    errors = []
+    for bits in (8, 4, 3, 2):
+        for group in (None, 32):
+            q, nbytes = round_to_nearest(w, bits, group)
+            levels = q.reshape(-1, group or 96)
+            assert all(row.unique().numel() <= 2 ** bits for row in levels)
+            meta = (64 * 96 // group) * 4 if group else 64 * 8
+            assert nbytes == 64 * 96 * bits // 8 + meta
+            errors.append(float((q - w).pow(2).mean()))
+    assert errors[0] < errors[2] < errors[4] < errors[6]  # fewer bits, more error (per row)
+    assert errors[3] < errors[2]  # groups of 32 beat one scale per row at 4 bits
+
+
+def test_evaluation_and_calibration_files_are_disjoint():
+    assert not set(PY_EVAL) & set(PY_CALIB)
+    assert not set(LEGAL_EVAL) & set(LEGAL_CALIB)
+    rows = default_rows(10)
+    assert rows[0] == "dpq:10:sampled:0" and len(rows) == len(set(rows))
+    for method in ("dpq", "tt"):
+        for ratio in (4, 10, 16, 32):
+            for minutes in (0, 10):
+                assert f"{method}:{ratio}:ptb+sampled:{minutes}" in rows
+    assert {f"rtn:{b}:{k}" for b in (8, 4, 3, 2) for k in ("row", "g32")} <= set(rows)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"model": "smollm2", "row": "dense", "bytes": 1000, "ppl": {"ptb": 10.0, "python": 5.0}},
+            {"model": "smollm2", "row": "rtn int4 row", "bytes": 200, "ppl": {"ptb": 12.0, "python": 6.0}},
+            {"model": "smollm2", "row": "dpq 10x", "bytes": 100, "calibration_minutes": 0,
+             "ppl": {"ptb": 11.0, "python": 5.5}}]
+    src = tmp_path / "r.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    plot(src, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
