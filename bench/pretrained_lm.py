@@ -330,7 +330,6 @@ def table_errors(args) -> None:
     train + sampled text) for plain, weighted, metric and row-ordered fits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compemb import EmbeddingSpec
     from compemb.fit import metric_root, plan_fit, fit_table, token_weights
     from compemb_hf.calibration import collect_statistics, sample_tokens, sources_from_texts
 

@@ -92,15 +92,20 @@ def _save(model, model_dir: str, out: str) -> None:
         raise
 
 
+_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")
+
+
 def _dense_table_shape(model_dir: str):
-    """``(vocab, hidden, bytes per value)`` from config.json, or None where it does not say."""
+    """``(vocab, hidden, bytes per value, has an LM head)`` from config.json, or None where
+    it does not say."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
+    head = any(a.endswith(_HEAD_CLASSES) for a in cfg.get("architectures") or [])
     cfg = cfg.get("text_config", cfg)
     v, d = cfg.get("vocab_size"), cfg.get("hidden_size", cfg.get("d_model"))
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     size = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(str(dtype), 4)
-    return (v, d, size) if isinstance(v, int) and isinstance(d, int) else None
+    return (v, d, size, head) if isinstance(v, int) and isinstance(d, int) else None
 
 
 def cmd_compress_ratio(args: argparse.Namespace) -> int:
@@ -127,8 +132,9 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     # every check that needs no model, before any work starts
     texts = read_sources(args.calibration_text) if args.calibration_text else None
     shape = _dense_table_shape(args.model_dir)
-    if shape is not None:
-        plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2])
+    if shape is not None:  # the planner's budget as compress_pretrained will count it
+        plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
+                 transform=shape[3], logit_bias=shape[3], row_order=args.row_order)
     sources = None
     if texts is not None:
         from transformers import AutoTokenizer
@@ -147,7 +153,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         **({} if args.exact_share is None else {"exact_share": args.exact_share}))
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
-        print(f"calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
+        print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
         if result.calibration is not None:
             c = result.calibration
             print(f"calibration: {c.steps} steps, held-out loss {c.heldout_before:.4f} -> "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..dpq.math import code_bits, codebook_storage_bytes, divisors
+from ..dpq.math import codebook_storage_bytes, divisors
 from ..spec import EmbeddingSpec
 from ..tt import math as ttm
 from ..tt.plan import FACTOR_ORDER, max_useful_rank
