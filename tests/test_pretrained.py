@@ -315,3 +315,15 @@ def test_decompress_gives_back_a_dense_model_with_the_same_outputs(lm, tokenizer
     assert isinstance(lm.get_input_embeddings(), torch.nn.Embedding)
     assert lm.lm_head.bias is not None  # the logit bias, now the dense head's bias
     torch.testing.assert_close(_logits(lm, tokenizer), expect, rtol=1e-4, atol=1e-4)
+
+
+def test_an_encoder_gets_no_transform_and_exactly_the_planned_bytes(tokenizer):
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)).eval()
+    result = compemb_hf.compress_pretrained(bert, "dpq", 3, tokenizer=tokenizer, texts=TEXT,
+                                            seq_len=32, progress=False)
+    table = bert.get_input_embeddings()
+    assert table.transform is None and table.logit_bias is None and result.output == "none"
+    assert compemb.compression_report(bert).embedding_stored_bytes == result.plan.stored_bytes
