@@ -35,7 +35,7 @@ __all__ = [
     "Shape", "factorizations", "choose_row_factors", "choose_col_factors",
     "choose_shape", "check_shape", "full_ranks", "core_shapes", "num_parameters",
     "init_std", "index_digits", "prefix_tree", "gather_rows", "full_table",
-    "lookup", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
+    "lookup", "logits_prefix", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
     "suggest_dims",
 ]
 
@@ -463,10 +463,13 @@ def _all_prefixes(cores: Sequence[Tensor], upto: int) -> Tensor:
     return prefix
 
 
-def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
-    """The whole ``[V, J]`` table (first ``V`` rows of the TT-matrix)."""
+def full_table(cores: Sequence[Tensor], num_embeddings: int,
+               prefix: Optional[Tensor] = None) -> Tensor:
+    """The whole ``[V, J]`` table (first ``V`` rows of the TT-matrix); ``prefix``: the
+    :func:`logits_prefix` of the cores, when at hand."""
     r0 = cores[0].shape[0]
-    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, R*R0, J']
+    if prefix is None:
+        prefix = logits_prefix(cores)  # [P, R*R0, J']
     last = _last_operand(cores[-1], r0)  # [IN, JN, R*R0]
     i_n, j_n, rr = last.shape
     out = broadcast_bmm(last.reshape(i_n * j_n, rr), prefix)  # [P, IN*JN, J']
@@ -474,16 +477,26 @@ def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
     return table if table.shape[0] == num_embeddings else table[:num_embeddings]
 
 
-def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int) -> Tensor:
+def logits_prefix(cores: Sequence[Tensor]) -> Tensor:
+    """The prefix products of all but the last core, closed over ``r0``:
+    ``[I1*..*I_{N-1}, R*R0, J1*..*J_{N-1}]`` (what :func:`logits_through_cores` contracts the
+    hidden states with; independent of them, so an inference caller can keep it)."""
+    return _close_prefix(_all_prefixes(cores, len(cores) - 1), cores[0].shape[0])
+
+
+def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int,
+                         prefix: Optional[Tensor] = None) -> Tensor:
     """``hidden [B, J] @ W.T -> [B, V]`` without building ``W``.
 
-    Prefix products of all but the last core (``V/IN`` matrices ``[R*R0, J']``) are built
-    once; the hidden states are contracted with the last core
+    Prefix products of all but the last core (``V/IN`` matrices ``[R*R0, J']``,
+    :func:`logits_prefix`) are built once (or passed as ``prefix``); the hidden states are
+    contracted with the last core
     (``T[b, iN, (r, r0), J'] = sum_jN h[b, jN, J'] * G_N[r, iN, jN, r0]``) and the
     logits are ``sum P[p, (r, r0), J'] * T[b, iN, (r, r0), J']``: one batched product that
     writes ``[B, V]`` in row order."""
     r0 = cores[0].shape[0]
-    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, K, J']
+    if prefix is None:
+        prefix = logits_prefix(cores)  # [P, K, J']
     n_pre, k_dim, j_rest = prefix.shape
     last = _last_operand(cores[-1], r0)  # [IN, JN, K]
     i_n, j_n, _ = last.shape
@@ -492,13 +505,20 @@ def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings
     # t[b, iN, K, J'] = sum_jN last[iN, jN, K] * h[b, jN, J']
     t = torch.matmul(last.transpose(1, 2).reshape(1, i_n * k_dim, j_n), h)  # [B, IN*K, J']
     t = t.view(b, i_n, k_dim * j_rest)
-    out = broadcast_bmm(prefix.reshape(n_pre, k_dim * j_rest), t.transpose(1, 2))  # [B, P, IN]
-    return out.reshape(b, n_pre * i_n)[:, :num_embeddings]
+    if b == 1:
+        out = broadcast_bmm(prefix.reshape(n_pre, k_dim * j_rest), t.transpose(1, 2))  # [B, P, IN]
+        return out.reshape(b, n_pre * i_n)[:, :num_embeddings]
+    # several hidden states: one GEMM [P, K*J'] @ [K*J', B*IN] reads the prefix once
+    out = prefix.reshape(n_pre, k_dim * j_rest) @ t.reshape(b * i_n, k_dim * j_rest).t()
+    return out.view(n_pre, b, i_n).transpose(0, 1).reshape(b, n_pre * i_n)[:, :num_embeddings]
 
 
-def logits_costs(shape: Shape, ranks: Sequence[int], batch: int) -> Tuple[float, float]:
+def logits_costs(shape: Shape, ranks: Sequence[int], batch: int,
+                 cached_prefix: bool = False) -> Tuple[float, float]:
     """Multiply-adds of the two logits paths for ``batch`` hidden vectors:
-    ``(materialize + GEMM, contraction through the cores)``."""
+    ``(materialize + GEMM, contraction through the cores)``; with ``cached_prefix`` the
+    prefix products of :func:`logits_prefix` are at hand (inference) and not counted for
+    the contraction."""
     rows, cols = shape
     v, j = math.prod(rows), math.prod(cols)
     r0, r_last = ranks[0], ranks[-2]
@@ -509,7 +529,8 @@ def logits_costs(shape: Shape, ranks: Sequence[int], batch: int) -> Tuple[float,
         prefixes += count * ranks[k] * ranks[k + 1] * jp * cols[k] * r0
         jp *= cols[k]
     dense = prefixes + v * j * r_last * r0 + batch * v * j
-    through = prefixes + batch * rows[-1] * j * r_last * r0 + batch * v * (j // cols[-1]) * r_last * r0
+    through = (0.0 if cached_prefix else prefixes) + batch * rows[-1] * j * r_last * r0 \
+        + batch * v * (j // cols[-1]) * r_last * r0
     return dense, through
 
 
