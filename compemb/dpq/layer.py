@@ -187,6 +187,7 @@ class DPQEmbedding(nn.Module):
 
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]``."""
+        _refuse_export(self)
         check_indices(indices, self.num_embeddings)
         flat = indices.reshape(-1).long()
         keep = (flat != self.padding_idx) if self.padding_idx is not None else None
@@ -257,6 +258,7 @@ class DPQEmbedding(nn.Module):
         keys too). Otherwise (eval, ``torch.no_grad``): per-group products gathered by
         code (see :meth:`CodebookEmbedding.logits`), never building ``V x d``. Both in
         float32 at least (also under autocast), with the same values."""
+        _refuse_export(self)
         if not (self.training and torch.is_grad_enabled()):
             return table_logits(hidden, self.values, self.codes(), self.padding_idx)
         if hidden.shape[-1] != self.embedding_dim:
@@ -353,6 +355,16 @@ class DPQEmbedding(nn.Module):
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
         return s
+
+
+def _refuse_export(layer: "DPQEmbedding") -> None:
+    """``ValueError`` under ``torch.export``: the training form computes its codes from the
+    queries on every call; the inference form stores them."""
+    if torch.compiler.is_exporting():
+        raise ValueError(
+            f"{type(layer).__name__} (the DPQ training form) cannot be exported: export its "
+            f"inference form, layer.export() (a CodebookEmbedding), or for a transformers model "
+            f"call compemb_hf.export_codebooks(model) or compress with form='codebook' first")
 
 
 def _synced() -> bool:
