@@ -13,6 +13,8 @@
  *          reads D*16 consecutive codes and keeps 16 independent sums per token.
  *   out    float32 [M, V].
  * Summation order per symbol: groups 0..D-1, one float32 accumulator per (symbol, token).
+ * Blocks are handed out dynamically: on a shared machine a descheduled thread leaves its
+ * share to the others instead of holding up the whole call.
  */
 #include <stdint.h>
 
@@ -38,7 +40,7 @@
   void NAME(const float *T, const CT *codes, float *out, long V, long D, long K, long M,   \
             int threads) {                                                                 \
     long nblk = (V + BLK - 1) / BLK;                                                       \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")      \
+    _Pragma("omp parallel for schedule(dynamic, 32) num_threads(threads) if(threads > 1)") \
     for (long b = 0; b < nblk; b++) {                                                      \
       float acc[BLK * 16];                                                                 \
       const CT *c = codes + b * D * BLK;                                                   \
