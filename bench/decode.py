@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     print(f"# native DPQ kernel: {'built' if native_available() else 'not available'}")
     print("| model | batch | method | tokens/s | vs dense | table MB | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m]:  # --models "": the head only
         result = run_speed(name, methods, batches, args.new_tokens, args.repeats)
         for b in batches:
             dense = result[("dense", b)]["tok_s"] if "dense" in methods else float("nan")

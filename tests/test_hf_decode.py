@@ -12,7 +12,7 @@ from compemb.dpq import codebook as codebook_module
 from compemb.tt import TTEmbedding
 from compemb_hf import CompressedEmbeddingConfig as Cfg
 
-VOCAB = 301  # more symbols than the DPQ partial-dot table has rows (D*Kc = 64)
+VOCAB = 301  # odd, and more symbols than a DPQ codebook has rows
 
 CONFIGS = {
     "dpq-codebook": dict(method="dpq", num_codes=16, num_groups=4, form="codebook",

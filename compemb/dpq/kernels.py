@@ -14,8 +14,8 @@ built (no compiler, ``COMPEMB_NATIVE=0``), or for dtypes other than float32, or 
 ``torch.compile`` / ``torch.export``, a pure-PyTorch path (an embedding bag over the
 table) gives the same numbers (:func:`logits_from_blocked` with ``impl="torch"``).
 
-For many tokens at once (``M >= dense_threshold``) building the table and one GEMM is
-cheaper than the gather-sum; :func:`logits_from_blocked` picks by ``M``.
+For many tokens at once and few dimensions per group, building the table and one GEMM is
+cheaper than the gather-sum; :func:`logits_from_blocked` picks by a cost model.
 """
 from __future__ import annotations
 
@@ -38,15 +38,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["BLOCK", "codes_dtype", "check_codes_dtype", "block_codes", "unblock_codes",
            "blocked_rows", "partial_dots", "logits_from_blocked", "logits_from_codes",
-           "native_available", "DENSE_THRESHOLD"]
+           "native_available", "GATHER_COST", "BUILD_COST"]
 
 #: symbols per block of the blocked code layout
 BLOCK = 16
-#: from this many tokens on, logits build the ``V x d`` table and run one GEMM
-#: (measured on a 2-core CPU, V=49152, d=576, D=144, Kc=256: the native gather-sum took
-#: 12-17 ms per 8 tokens, building the table and the GEMM ~200 ms at 64 tokens, ~360 ms
-#: at 256: about equal near 128)
-DENSE_THRESHOLD = 128
+#: Path choice of :func:`logits_from_blocked` (measured on a 2-core CPU at 49152 x 576,
+#: D=144, Kc=256): a gathered add of the gather-sum costs about GATHER_COST multiply-adds
+#: of a dense GEMM, and an element of the ``V x d`` table built for the GEMM about
+#: BUILD_COST gathered adds (a fresh 113 MB table took ~150 ms). The table + GEMM is taken
+#: when ``M * (D - d / GATHER_COST) > BUILD_COST * d``: never when a group has at least
+#: GATHER_COST dimensions, from ~170 tokens on at 4 dimensions per group.
+GATHER_COST = 10
+BUILD_COST = 25
 #: tokens per call of the native kernel
 NATIVE_CHUNK = 8
 
@@ -124,15 +127,15 @@ def partial_dots(hidden: Tensor, values: Tensor, num_groups: int) -> Tensor:
 
 
 def logits_from_blocked(hidden: Tensor, values: Tensor, blocked: Tensor, num_embeddings: int,
-                        impl: str = "auto", dense_threshold: int = DENSE_THRESHOLD) -> Tensor:
+                        impl: str = "auto") -> Tensor:
     """``hidden [M, d] -> [M, V]`` for the table ``concat_g values[g, codes[v, g]]`` with
     the codes in the blocked layout (:func:`block_codes`).
 
     ``impl``: ``"native"`` (the C kernel; ``RuntimeError`` when it is not available),
     ``"torch"`` (pure PyTorch: an embedding bag over the partial dot products),
-    ``"dense"`` (build the table, one GEMM), or ``"auto"``: ``"dense"`` for ``M >=
-    dense_threshold`` or where the partial-dot table is as large as the vocabulary
-    (``D*Kc >= V``), else ``"native"`` where it applies (float32 on CPU, eager,
+    ``"dense"`` (build the table, one GEMM), or ``"auto"``: ``"dense"`` for many tokens
+    (see :data:`GATHER_COST`) or where a codebook has as many rows as the vocabulary
+    (``Kc >= V``: the partial dots would cost the GEMM), else ``"native"`` where it applies (float32 on CPU, eager,
     kernel built, no gradient wanted: the kernel is not differentiable), else
     ``"torch"``. Computed in ``hidden``'s dtype (the caller promotes);
     the three give equal numbers up to float summation order."""
@@ -142,7 +145,8 @@ def logits_from_blocked(hidden: Tensor, values: Tensor, blocked: Tensor, num_emb
     nblk, num_groups, _ = blocked.shape
     num_codes = values.shape[1]
     if impl == "auto":
-        if m >= dense_threshold or num_groups * num_codes >= num_embeddings:
+        if (m * (num_groups - d / GATHER_COST) > BUILD_COST * d
+                or num_codes >= num_embeddings):
             impl = "dense"
         elif _native_applies(hidden, values) and not (
                 torch.is_grad_enabled() and (hidden.requires_grad or values.requires_grad)):
