@@ -135,10 +135,10 @@ def logits_from_blocked(hidden: Tensor, values: Tensor, blocked: Tensor, num_emb
     ``"torch"`` (pure PyTorch: an embedding bag over the partial dot products),
     ``"dense"`` (build the table, one GEMM), or ``"auto"``: ``"dense"`` for many tokens
     (see :data:`GATHER_COST`) or where a codebook has as many rows as the vocabulary
-    (``Kc >= V``: the partial dots would cost the GEMM), else ``"native"`` where it applies (float32 on CPU, eager,
-    kernel built, no gradient wanted: the kernel is not differentiable), else
-    ``"torch"``. Computed in ``hidden``'s dtype (the caller promotes);
-    the three give equal numbers up to float summation order."""
+    (``Kc >= V``: the partial dots would cost the GEMM), else ``"native"`` where it
+    applies (float32 on CPU, eager, kernel built, no gradient wanted: the kernel is not
+    differentiable), else ``"torch"``. Computed in ``hidden``'s dtype (the caller
+    promotes); the three give equal numbers up to float summation order."""
     if impl not in ("auto", "native", "torch", "dense"):
         raise ValueError(f"impl must be 'auto', 'native', 'torch' or 'dense', got {impl!r}")
     m, d = hidden.shape
