@@ -174,3 +174,24 @@ def test_export_of_the_training_form_says_what_to_do():
         program = torch.export.export(model, (), {"input_ids": ids, "use_cache": False})
         torch.testing.assert_close(program.module()(input_ids=ids, use_cache=False)["logits"],
                                    model(input_ids=ids, use_cache=False).logits)
+
+
+def test_out_of_range_codes_in_a_saved_checkpoint_are_refused(tmp_path):
+    """Codes 200..255 fit the 8-bit packing but not num_codes=200: a checkpoint holding
+    them fails with an error naming the range, at load or at first use, never reads past
+    the values."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    model = compemb_hf.compress(_llama(), Cfg("dpq", num_codes=200, num_groups=4,
+                                              form="codebook", init="random"))
+    model.save_pretrained(tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    state = load_file(str(files[0]))
+    key = next(k for k in state if k.endswith("packed_codes"))
+    state[key] = torch.full_like(state[key], 250)
+    save_file(state, str(files[0]), metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError), match="250.*num_codes=200|num_codes=200.*250"):
+        loaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+        with torch.no_grad():
+            loaded(input_ids=torch.tensor([[1, 2]]))
