@@ -81,3 +81,32 @@ def test_path_choice_at_decode_and_at_large_batches(monkeypatch):
     assert calls == [("through", True), ("through", True), ("table", True)]
     dense, through = ttm.logits_costs(layer.shape, layer.ranks, 1, cached_prefix=True)
     assert through < 0.5 * ttm.logits_costs(layer.shape, layer.ranks, 1)[1]
+
+
+@pytest.mark.parametrize("cls", [TTEmbedding, TREmbedding])
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 300])
+def test_no_grad_lookup_equals_the_table(cls, n):
+    """A few ids at inference come from the kept prefixes, more through the prefix tree;
+    both give the table's rows (padding row zero), and with autograd the tree is used."""
+    layer = _layer(cls)
+    ids = torch.randint(301, (n,), generator=torch.Generator().manual_seed(n))
+    ids[0] = 5  # the padding row
+    ids[-1] = 300
+    table = layer.materialize()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids), table[ids], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer(ids.view(1, -1)), table[ids].view(1, n, 30),
+                                   rtol=1e-12, atol=1e-12)
+    assert (layer._prefix_cache is not None) if n <= 64 else True
+    out = layer(ids)
+    torch.testing.assert_close(out, table[ids], rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert layer.cores[0].grad is not None
+
+
+def test_rows_from_prefix():
+    layer = _layer(TREmbedding)
+    cores = [c.detach() for c in layer.cores]
+    ids = torch.tensor([300, 0, 47, 47])
+    rows = ttm.rows_from_prefix(cores, ttm.logits_prefix(cores), ids)
+    torch.testing.assert_close(rows, ttm.full_table(cores, 301)[ids])

@@ -21,6 +21,11 @@ Rank = Union[int, Sequence[int]]
 #: ~200 ms for 2.1 G multiply-adds, the contraction with kept prefixes ~7 ms per hidden
 #: state for 0.2 G: the contraction wins up to ~40 hidden states, the table + GEMM above).
 MATERIALIZE_WEIGHT = 4
+#: At inference, batches of up to this many ids are looked up from the prefix products
+#: that logits keep (:func:`compemb.tt.math.rows_from_prefix`: a decode step's token took
+#: 0.1 ms instead of 0.9 ms through the prefix tree at 49152 x 576, rank 64); larger
+#: batches share prefixes through :func:`compemb.tt.math.lookup`.
+PREFIX_LOOKUP_MAX = 64
 ShapeArg = Optional[Tuple[Sequence[int], Sequence[int]]]
 
 
@@ -111,14 +116,21 @@ class TensorNetworkEmbedding(nn.Module):
         Rows are computed from the cores once per distinct id of the batch, each distinct
         prefix ``(i1..ik)`` once (see :func:`compemb.tt.math.lookup`); the ``V x J``
         table is never built. Under ``torch.compile`` ids are not de-duplicated (static
-        shapes). Products run in float32 (also under autocast); the output has the
-        cores' dtype, like ``nn.Embedding``'s."""
+        shapes). At inference (no gradient wanted, eager) up to ``PREFIX_LOOKUP_MAX`` ids
+        are computed from the prefix products that :meth:`logits` keeps (built here if
+        needed): one small product per row. Products run in float32 (also under
+        autocast); the output has the cores' dtype, like ``nn.Embedding``'s."""
         check_indices(input, self.num_embeddings)
         flat = input.reshape(-1).long()
         rows_f = self.shape[0]
         with torch.autocast(input.device.type, enabled=False):
             cores = self._cores()
-            if torch.compiler.is_compiling() or flat.numel() == 0:
+            if 0 < flat.numel() <= PREFIX_LOOKUP_MAX and self._prefix_cacheable():
+                # decode sizes at inference: from the prefixes that logits keep
+                out = ttm.rows_from_prefix(cores, self._logits_prefix(cores), flat)
+                if self.padding_idx is not None:
+                    out = out.masked_fill((flat == self.padding_idx).unsqueeze(1), 0.0)
+            elif torch.compiler.is_compiling() or flat.numel() == 0:
                 out = ttm.gather_rows(cores, flat, rows_f, share=False)
                 if self.padding_idx is not None:
                     out = out.masked_fill((flat == self.padding_idx).unsqueeze(1), 0.0)

@@ -35,7 +35,7 @@ __all__ = [
     "Shape", "factorizations", "choose_row_factors", "choose_col_factors",
     "choose_shape", "check_shape", "full_ranks", "core_shapes", "num_parameters",
     "init_std", "index_digits", "prefix_tree", "gather_rows", "full_table",
-    "lookup", "logits_prefix", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
+    "lookup", "rows_from_prefix", "logits_prefix", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
     "suggest_dims",
 ]
 
@@ -313,7 +313,8 @@ def _next_level(core: Tensor, prefix: Tensor, digits: Tensor, parents: Optional[
         flat = prefix.transpose(0, 1).reshape(r_prev, n * x)
         out = (core.reshape(r_prev, i_k * j_k * r_k).t() @ flat).view(i_k, j_k, r_k, n, x)
         return out.permute(3, 0, 2, 1, 4).reshape(n * i_k, r_k, j_k * x)
-    left = _middle_operand(core).index_select(0, digits)  # [m, Rk*Jk, Rk-1]
+    # the slices asked for, then their layout: a copy of m slices, not of the whole core
+    left = _middle_operand(core.index_select(1, digits))  # [m, Rk*Jk, Rk-1]
     return torch.bmm(left, _take(prefix, parents)).view(-1, r_k, j_k * prefix.shape[2])
 
 
@@ -482,6 +483,16 @@ def logits_prefix(cores: Sequence[Tensor]) -> Tensor:
     ``[I1*..*I_{N-1}, R*R0, J1*..*J_{N-1}]`` (what :func:`logits_through_cores` contracts the
     hidden states with; independent of them, so an inference caller can keep it)."""
     return _close_prefix(_all_prefixes(cores, len(cores) - 1), cores[0].shape[0])
+
+
+def rows_from_prefix(cores: Sequence[Tensor], prefix: Tensor, ids: Tensor) -> Tensor:
+    """Rows ``ids [U] -> [U, J]`` from the :func:`logits_prefix` of the cores: row
+    ``i = p*IN + iN`` is ``last[iN] @ prefix[p]`` (``JN*K*J'`` multiply-adds, one gather of
+    each operand), the cheapest lookup of a few rows when the prefixes are at hand."""
+    last = _last_operand(cores[-1], cores[0].shape[0])  # [IN, JN, K]
+    i_n = last.shape[0]
+    rows = torch.bmm(last.index_select(0, ids % i_n), prefix.index_select(0, ids // i_n))
+    return rows.reshape(ids.shape[0], -1)
 
 
 def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int,
