@@ -16,7 +16,9 @@ with ``compemb_hf.compress`` (input table and tied head):
 Speed: all models of one size are in memory together and every repeat runs each of them
 once in turn (interleaved, so that they see the same machine load); the table gives the
 median tokens/s (batch x new tokens / wall time of ``generate``, prompt of 16 tokens,
-exactly ``--new-tokens`` new tokens, KV cache on) and its ratio to dense. Memory: each
+exactly ``--new-tokens`` new tokens, KV cache on) and its ratio to dense, and the same per
+second of the process's CPU time (all its threads), which moves less with the load that
+other jobs put on a shared machine. Memory: each
 model is built again in a fresh process, whose peak RSS is reset (``/proc/self/clear_refs``)
 after the build and read after one ``generate``: the peak resident memory while generating,
 weights included. ``--logits`` adds the head alone: logits of one and eight hidden states
@@ -133,18 +135,21 @@ def run_speed(model_name: str, methods: List[str], batches: List[int], new_token
     for m, model in models.items():  # warm-up (kernel build, caches) and a check
         outputs[m] = generate(model, 1, 4)
     times: Dict = {(m, b): [] for m in methods for b in batches}
+    cpu: Dict = {(m, b): [] for m in methods for b in batches}
     for _ in range(repeats):
         for b in batches:
             for m, model in models.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 out = generate(model, b, new_tokens)
                 times[(m, b)].append(time.perf_counter() - t)
+                cpu[(m, b)].append(time.process_time() - c)
                 assert out.shape == (b, PROMPT + new_tokens)
     result = {}
     for b in batches:
         for m in methods:
             med = statistics.median(times[(m, b)])
             result[(m, b)] = {"tok_s": b * new_tokens / med, "s": med,
+                              "cpu_tok_s": b * new_tokens / statistics.median(cpu[(m, b)]),
                               "table_mb": table_bytes(models[m]) / 2**20}
     return result
 
@@ -218,19 +223,23 @@ def main(argv=None) -> None:
     from compemb.dpq.kernels import native_available
 
     print(f"# native DPQ kernel: {'built' if native_available() else 'not available'}")
-    print("| model | batch | method | tokens/s | vs dense | table MB | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | method | tokens/s | vs dense | tokens/CPU-s | vs dense | table MB "
+          "| peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in [m for m in args.models.split(",") if m]:  # --models "": the head only
         result = run_speed(name, methods, batches, args.new_tokens, args.repeats)
         for b in batches:
-            dense = result[("dense", b)]["tok_s"] if "dense" in methods else float("nan")
+            dense = result[("dense", b)] if "dense" in methods else None
             for m in methods:
                 r = result[(m, b)]
                 peak = "-"
                 if not args.no_memory:
                     peak = f"{measure_memory(name, m, b, args.new_tokens)['peak'] / 2**20:.0f}"
-                print(f"| {name} | {b} | {m} | {r['tok_s']:.1f} | {r['tok_s'] / dense:.2f}x | "
-                      f"{r['table_mb']:.1f} | {peak} |", flush=True)
+                ratio = r["tok_s"] / dense["tok_s"] if dense else float("nan")
+                cpu_ratio = r["cpu_tok_s"] / dense["cpu_tok_s"] if dense else float("nan")
+                print(f"| {name} | {b} | {m} | {r['tok_s']:.1f} | {ratio:.2f}x | "
+                      f"{r['cpu_tok_s']:.1f} | {cpu_ratio:.2f}x | {r['table_mb']:.1f} | "
+                      f"{peak} |", flush=True)
     if args.logits:
         print("\n| batch | head (V=32768, d=512) | ms | dense / this |")
         print("| --- | --- | --- | --- |")
