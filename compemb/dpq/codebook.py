@@ -172,8 +172,9 @@ class CodebookEmbedding(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., d] -> [..., V]`` = ``hidden @ materialize().T``, by per-group
-        products gathered by code (:func:`compemb.dpq.math.codebook_logits`); the
-        ``V x d`` table is never built. Computed in float32 under autocast.
+        products gathered by code (:func:`compemb.dpq.kernels.logits_from_blocked`; the
+        ``V x d`` table is built only for many tokens at few dimensions per group).
+        Computed in float32 under autocast.
 
         Eager on CPU at decode sizes the gather-sum runs in the native kernel of
         :mod:`compemb.dpq.kernels` over the blocked codes; for many tokens (or inside
