@@ -9,8 +9,10 @@ from torch import Tensor, nn
 
 from ..checks import check_indices, check_state_shapes
 from ..report import LayerStorage
+from .kernels import (block_codes, block_codes_traceable, blocked_rows, check_codes_dtype,
+                      logits_from_blocked, logits_from_codes)
 from .math import (byte_lookup, byte_lookup_applies, byte_table, check_groups, code_bits,
-                   codebook_index, codebook_logits, pack_codes, unpack_rows)
+                   codebook_index, pack_codes, unpack_rows)
 
 __all__ = ["CodebookEmbedding", "table_logits"]
 
@@ -32,7 +34,12 @@ class CodebookEmbedding(nn.Module):
 
     State: ``packed_codes`` (``uint8 [ceil(V*D*bits/8)]`` buffer, ``bits =
     ceil(log2(Kc))``, codes row-major, see :func:`compemb.dpq.math.pack_codes`) and
-    ``values`` (a parameter). Codes are unpacked on the fly, only for the rows looked up.
+    ``values`` (a parameter). Packed is the stored format; at first use the codes are
+    unpacked once (outside ``torch.compile`` / ``torch.export``) into the blocked layout of
+    :mod:`compemb.dpq.kernels` (``uint8`` for ``Kc <= 256``, a plain attribute, not in
+    ``state_dict``; rebuilt when ``packed_codes`` changes), from which lookups and logits
+    read; codes out of range there (a checkpoint loaded by other means than
+    ``load_state_dict``) raise ``ValueError``.
     """
 
     def __init__(self, codes: Tensor, values: Tensor, padding_idx: Optional[int] = None) -> None:
@@ -56,6 +63,7 @@ class CodebookEmbedding(nn.Module):
         num_codes = values.shape[1]
         if num_codes < 2:
             raise ValueError(f"values must hold num_codes >= 2 codebook rows, got {num_codes}")
+        check_codes_dtype(codes.dtype, num_codes)
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
             raise ValueError(f"codes must lie in [0, num_codes={num_codes}) (values has "
                              f"{num_codes} rows per group), got range "
@@ -96,6 +104,28 @@ class CodebookEmbedding(nn.Module):
         rows = torch.arange(self.num_embeddings, device=self.packed_codes.device)
         return unpack_rows(self.packed_codes, self.bits, self.num_groups, rows).long()
 
+    def blocked_codes(self) -> Optional[Tensor]:
+        """The codes unpacked in the blocked layout (:func:`compemb.dpq.kernels.block_codes`,
+        ``[ceil(V/16), D, 16]``), built at first use and kept (not in ``state_dict``) while
+        ``packed_codes`` is unchanged; ``None`` inside ``torch.compile`` / ``torch.export``
+        (the traced graph unpacks from ``packed_codes``)."""
+        if torch.compiler.is_compiling():
+            return None
+        packed = self.packed_codes
+        key = (packed, packed._version, packed.data_ptr(), packed.device)
+        cached = self.__dict__.get("_blocked_cache")
+        if cached is None or cached[0][0] is not packed or cached[0][1:] != key[1:]:
+            blocked = block_codes(self.codes_unchecked(), self.num_codes)
+            cached = (key, blocked)
+            self.__dict__["_blocked_cache"] = cached  # a plain attribute: not in state_dict
+        return cached[1]
+
+    def codes_unchecked(self) -> Tensor:
+        """``[V, D]`` codes straight from ``packed_codes`` (``uint8`` for 8-bit codes, a
+        view; else ``int64``)."""
+        rows = torch.arange(self.num_embeddings, device=self.packed_codes.device)
+        return unpack_rows(self.packed_codes, self.bits, self.num_groups, rows)
+
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]`` (values' dtype)."""
         check_indices(indices, self.num_embeddings)
@@ -103,6 +133,9 @@ class CodebookEmbedding(nn.Module):
             table = self._byte_table()
             out = byte_lookup(self.packed_codes, table, self.num_groups, self.bits, indices)
             return self._mask_padding(out, indices)
+        blocked = self.blocked_codes()
+        if blocked is not None:  # unpacked once: no shifts per lookup
+            return self._lookup(blocked_rows(blocked, indices), indices)
         codes = unpack_rows(self.packed_codes, self.bits, self.num_groups, indices)
         return self._lookup(codes, indices)
 
@@ -139,9 +172,21 @@ class CodebookEmbedding(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``hidden [..., d] -> [..., V]`` = ``hidden @ materialize().T``, by per-group
-        products gathered by code (:func:`compemb.dpq.math.codebook_logits`); the
-        ``V x d`` table is never built. Computed in float32 under autocast."""
-        return table_logits(hidden, self.values, self.codes(), self.padding_idx)
+        products gathered by code (:func:`compemb.dpq.kernels.logits_from_blocked`; the
+        ``V x d`` table is built only for many tokens at few dimensions per group).
+        Computed in float32 under autocast.
+
+        Eager on CPU at decode sizes the gather-sum runs in the native kernel of
+        :mod:`compemb.dpq.kernels` over the blocked codes; for many tokens (or inside
+        ``torch.compile``) a pure-PyTorch path gives the same numbers."""
+        blocked = self.blocked_codes()
+        if blocked is None:
+            codes = block_codes_traceable(self.codes_unchecked(), self.num_codes)
+        else:
+            codes = blocked
+        return _promoted_logits(hidden, self.values, self.padding_idx, self.embedding_dim,
+                                lambda h, v: logits_from_blocked(h, v, codes,
+                                                                 self.num_embeddings))
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -192,19 +237,28 @@ class CodebookEmbedding(nn.Module):
 def table_logits(hidden: Tensor, values: Tensor, codes: Tensor,
                  padding_idx: Optional[int] = None) -> Tensor:
     """``hidden [..., d] -> [..., V]`` for the table of ``values [G, Kc, s]`` and
-    ``codes [V, D]`` (padding column zero), in float32 at least (also under autocast)."""
+    ``codes [V, D]`` (padding column zero), in float32 at least (also under autocast),
+    by :func:`compemb.dpq.kernels.logits_from_codes` (the codes' blocked layout is kept
+    between calls with the same ``codes`` tensor)."""
     embedding_dim = codes.shape[1] * values.shape[-1]
+    return _promoted_logits(hidden, values, padding_idx, embedding_dim,
+                            lambda h, v: logits_from_codes(h, v, codes))
+
+
+def _promoted_logits(hidden: Tensor, values: Tensor, padding_idx: Optional[int],
+                     embedding_dim: int, compute) -> Tensor:
+    """``compute(hidden [M, d], values)`` in at least float32 with autocast off, the
+    padding column zeroed, reshaped to ``hidden``'s leading dims."""
     if hidden.shape[-1] != embedding_dim:
         raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
                          f"embedding_dim={embedding_dim}")
     lead = hidden.shape[:-1]
     dtype = torch.promote_types(torch.promote_types(hidden.dtype, values.dtype), torch.float32)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = codebook_logits(hidden.reshape(-1, embedding_dim).to(dtype), values.to(dtype),
-                              codes)
+        out = compute(hidden.reshape(-1, embedding_dim).to(dtype), values.to(dtype))
         if padding_idx is not None:
-            out[:, padding_idx] = 0
-    return out.reshape(*lead, codes.shape[0])
+            out = out.index_fill(1, torch.tensor([padding_idx], device=out.device), 0.0)
+    return out.reshape(*lead, out.shape[-1])
 
 
 def _check_padding(padding_idx: Optional[int], num_embeddings: int) -> Optional[int]:

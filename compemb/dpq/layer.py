@@ -233,6 +233,7 @@ class DPQEmbedding(nn.Module):
 
     def forward(self, indices: Tensor) -> Tensor:
         """``LongTensor [...] -> [..., embedding_dim]``."""
+        _refuse_export(self)
         check_indices(indices, self.num_embeddings)
         flat = indices.reshape(-1).long()
         keep = (flat != self.padding_idx) if self.padding_idx is not None else None
@@ -348,6 +349,7 @@ class DPQEmbedding(nn.Module):
         keys too). Otherwise (eval, ``torch.no_grad``): per-group products gathered by
         code (see :meth:`CodebookEmbedding.logits`), never building ``V x d``. Both in
         float32 at least (also under autocast), with the same values."""
+        _refuse_export(self)
         if not (self.training and torch.is_grad_enabled()):
             return table_logits(hidden, self.values, self.codes(), self.padding_idx)
         if hidden.shape[-1] != self.embedding_dim:
@@ -471,6 +473,16 @@ class _GroupRef:
 def _same_key(a: tuple, b: tuple) -> bool:
     """Two :meth:`DPQEmbedding._codes_key` values name the same unchanged tensors."""
     return len(a) == len(b) and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a, b))
+
+
+def _refuse_export(layer: "DPQEmbedding") -> None:
+    """``ValueError`` under ``torch.export``: the training form computes its codes from the
+    queries on every call; the inference form stores them."""
+    if torch.compiler.is_exporting():
+        raise ValueError(
+            f"{type(layer).__name__} (the DPQ training form) cannot be exported: export its "
+            f"inference form, layer.export() (a CodebookEmbedding), or for a transformers model "
+            f"call compemb_hf.export_codebooks(model) or compress with form='codebook' first")
 
 
 

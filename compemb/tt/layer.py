@@ -16,6 +16,17 @@ from .config import TTConfig
 __all__ = ["TTEmbedding", "TensorNetworkEmbedding"]
 
 Rank = Union[int, Sequence[int]]
+#: At inference, a multiply-add of building the table counts this many of a GEMM's when
+#: :meth:`TensorNetworkEmbedding.logits` picks its path (many small batched products and a
+#: fresh V x J allocation: measured on a 2-core CPU, 49152 x 576 at rank 64, the table took
+#: ~200 ms for 2.1 G multiply-adds, the contraction with kept prefixes ~7 ms per hidden
+#: state for 0.2 G: the contraction wins up to ~40 hidden states, the table + GEMM above).
+MATERIALIZE_WEIGHT = 4
+#: At inference, batches of up to this many ids are looked up from the prefix products
+#: that logits keep (:func:`compemb.tt.math.rows_from_prefix`: a decode step's token took
+#: 0.1 ms instead of 0.9 ms through the prefix tree at 49152 x 576, rank 64); larger
+#: batches share prefixes through :func:`compemb.tt.math.lookup`.
+PREFIX_LOOKUP_MAX = 64
 ShapeArg = Optional[Tuple[Sequence[int], Sequence[int]]]
 
 
@@ -114,14 +125,21 @@ class TensorNetworkEmbedding(nn.Module):
         Rows are computed from the cores once per distinct id of the batch, each distinct
         prefix ``(i1..ik)`` once (see :func:`compemb.tt.math.lookup`); the ``V x J``
         table is never built. Under ``torch.compile`` ids are not de-duplicated (static
-        shapes). Products run in float32 (also under autocast); the output has the
-        cores' dtype, like ``nn.Embedding``'s."""
+        shapes). At inference (no gradient wanted, eager) up to ``PREFIX_LOOKUP_MAX`` ids
+        are computed from the prefix products that :meth:`logits` keeps (built here if
+        needed): one small product per row. Products run in float32 (also under
+        autocast); the output has the cores' dtype, like ``nn.Embedding``'s."""
         check_indices(input, self.num_embeddings)
         flat = input.reshape(-1).long()
         rows_f = self.shape[0]
         with torch.autocast(input.device.type, enabled=False):
             cores = self._cores()
-            if torch.compiler.is_compiling() or flat.numel() == 0:
+            if 0 < flat.numel() <= PREFIX_LOOKUP_MAX and self._prefix_cacheable():
+                # decode sizes at inference: from the prefixes that logits keep
+                out = ttm.rows_from_prefix(cores, self._logits_prefix(cores), flat)
+                if self.padding_idx is not None:
+                    out = out.masked_fill((flat == self.padding_idx).unsqueeze(1), 0.0)
+            elif torch.compiler.is_compiling() or flat.numel() == 0:
                 out = ttm.gather_rows(cores, flat, rows_f, share=False)
                 if self.padding_idx is not None:
                     out = out.masked_fill((flat == self.padding_idx).unsqueeze(1), 0.0)
@@ -143,29 +161,69 @@ class TensorNetworkEmbedding(nn.Module):
         Picks the cheaper contraction for the batch (by multiply-adds,
         :func:`compemb.tt.math.logits_costs`): for large batches the table is built once and
         one GEMM follows (which runs in the autocast dtype when autocast is on); for small
-        ones the hidden states are contracted through the cores (in float32)."""
+        ones the hidden states are contracted through the cores (in float32). At inference
+        (no gradient wanted, eager) the prefix products of that contraction
+        (:func:`compemb.tt.math.logits_prefix`, ``V/IN x R x J/JN`` numbers) are kept
+        between calls while the cores are unchanged, so decoding a token costs one
+        contraction with the last core and one product with them."""
         if hidden.shape[-1] != self.embedding_dim:
             raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
                              f"embedding_dim={self.embedding_dim}")
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, self.embedding_dim)
-        dense_cost, through_cost = ttm.logits_costs(self.shape, self.ranks, flat.shape[0])
-        if 2 * through_cost >= dense_cost:
-            table = self.materialize()
+        cached = self._prefix_cacheable()
+        dense_cost, through_cost = ttm.logits_costs(self.shape, self.ranks, flat.shape[0],
+                                                    cached_prefix=cached)
+        if cached:  # the contraction is then one well-shaped GEMM; building the table is not
+            gemm = flat.shape[0] * self.num_embeddings * self.embedding_dim
+            build_table = through_cost >= MATERIALIZE_WEIGHT * (dense_cost - gemm) + gemm
+        else:
+            build_table = 2 * through_cost >= dense_cost
+        if build_table:
+            table = self._table_for_logits() if cached else self.materialize()
             if not torch.is_autocast_enabled(flat.device.type):
                 table = table.to(flat.dtype)
             out = F.linear(flat, table)
         else:
-            out = self._logits_through_cores(flat)
+            out = self._logits_through_cores(flat, cached)
         return out.view(*lead, self.num_embeddings)
 
-    def _logits_through_cores(self, flat: Tensor) -> Tensor:
+    def _table_for_logits(self) -> Tensor:
+        """:meth:`materialize` from the kept prefix products (inference)."""
+        with torch.autocast(self.cores[0].device.type, enabled=False):
+            cores = self._cores()
+            table = ttm.full_table(cores, self.num_embeddings, prefix=self._logits_prefix(cores))
+            if self.padding_idx is not None:
+                table[self.padding_idx] = 0
+        return table
+
+    def _prefix_cacheable(self) -> bool:
+        """Inference: no gradient to the cores wanted, eager (not traced)."""
+        return not ((torch.is_grad_enabled() and any(c.requires_grad for c in self.cores))
+                    or torch.compiler.is_compiling()
+                    or any(c.is_inference() for c in self.cores))
+
+    def _logits_prefix(self, cores: List[Tensor]) -> Tensor:
+        """:func:`compemb.tt.math.logits_prefix` of the cores, kept (a plain attribute, not in
+        ``state_dict``) while every core is the same tensor at the same version."""
+        key = tuple((c, c._version, c.data_ptr(), c.dtype) for c in self.cores)
+        cached = self.__dict__.get("_prefix_cache")
+        if cached is None or len(cached[0]) != len(key) or any(
+                a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(cached[0], key)):
+            with torch.no_grad():
+                cached = (key, ttm.logits_prefix(cores))
+            self.__dict__["_prefix_cache"] = cached
+        return cached[1]
+
+    def _logits_through_cores(self, flat: Tensor, cached: bool = False) -> Tensor:
         device_type = flat.device.type
         autocast = torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast else flat.dtype
         with torch.autocast(device_type, enabled=False):
             cores = self._cores()
-            out = ttm.logits_through_cores(cores, flat.to(cores[0].dtype), self.num_embeddings)
+            prefix = self._logits_prefix(cores) if cached else None
+            out = ttm.logits_through_cores(cores, flat.to(cores[0].dtype), self.num_embeddings,
+                                           prefix=prefix)
             if self.padding_idx is not None:
                 out = out.index_fill(1, torch.tensor([self.padding_idx], device=out.device), 0.0)
         return out.to(out_dtype)

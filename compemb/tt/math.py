@@ -35,7 +35,7 @@ __all__ = [
     "Shape", "factorizations", "choose_row_factors", "choose_col_factors",
     "choose_shape", "check_shape", "full_ranks", "core_shapes", "num_parameters",
     "init_std", "index_digits", "prefix_tree", "gather_rows", "full_table",
-    "lookup", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
+    "lookup", "rows_from_prefix", "logits_prefix", "logits_through_cores", "logits_costs", "to_modes", "tt_svd", "tr_svd", "shape_string",
     "suggest_dims",
 ]
 
@@ -313,7 +313,8 @@ def _next_level(core: Tensor, prefix: Tensor, digits: Tensor, parents: Optional[
         flat = prefix.transpose(0, 1).reshape(r_prev, n * x)
         out = (core.reshape(r_prev, i_k * j_k * r_k).t() @ flat).view(i_k, j_k, r_k, n, x)
         return out.permute(3, 0, 2, 1, 4).reshape(n * i_k, r_k, j_k * x)
-    left = _middle_operand(core).index_select(0, digits)  # [m, Rk*Jk, Rk-1]
+    # the slices asked for, then their layout: a copy of m slices, not of the whole core
+    left = _middle_operand(core.index_select(1, digits))  # [m, Rk*Jk, Rk-1]
     return torch.bmm(left, _take(prefix, parents)).view(-1, r_k, j_k * prefix.shape[2])
 
 
@@ -463,10 +464,13 @@ def _all_prefixes(cores: Sequence[Tensor], upto: int) -> Tensor:
     return prefix
 
 
-def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
-    """The whole ``[V, J]`` table (first ``V`` rows of the TT-matrix)."""
+def full_table(cores: Sequence[Tensor], num_embeddings: int,
+               prefix: Optional[Tensor] = None) -> Tensor:
+    """The whole ``[V, J]`` table (first ``V`` rows of the TT-matrix); ``prefix``: the
+    :func:`logits_prefix` of the cores, when at hand."""
     r0 = cores[0].shape[0]
-    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, R*R0, J']
+    if prefix is None:
+        prefix = logits_prefix(cores)  # [P, R*R0, J']
     last = _last_operand(cores[-1], r0)  # [IN, JN, R*R0]
     i_n, j_n, rr = last.shape
     out = broadcast_bmm(last.reshape(i_n * j_n, rr), prefix)  # [P, IN*JN, J']
@@ -474,16 +478,36 @@ def full_table(cores: Sequence[Tensor], num_embeddings: int) -> Tensor:
     return table if table.shape[0] == num_embeddings else table[:num_embeddings]
 
 
-def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int) -> Tensor:
+def logits_prefix(cores: Sequence[Tensor]) -> Tensor:
+    """The prefix products of all but the last core, closed over ``r0``:
+    ``[I1*..*I_{N-1}, R*R0, J1*..*J_{N-1}]`` (what :func:`logits_through_cores` contracts the
+    hidden states with; independent of them, so an inference caller can keep it)."""
+    return _close_prefix(_all_prefixes(cores, len(cores) - 1), cores[0].shape[0])
+
+
+def rows_from_prefix(cores: Sequence[Tensor], prefix: Tensor, ids: Tensor) -> Tensor:
+    """Rows ``ids [U] -> [U, J]`` from the :func:`logits_prefix` of the cores: row
+    ``i = p*IN + iN`` is ``last[iN] @ prefix[p]`` (``JN*K*J'`` multiply-adds, one gather of
+    each operand), the cheapest lookup of a few rows when the prefixes are at hand."""
+    last = _last_operand(cores[-1], cores[0].shape[0])  # [IN, JN, K]
+    i_n = last.shape[0]
+    rows = torch.bmm(last.index_select(0, ids % i_n), prefix.index_select(0, ids // i_n))
+    return rows.reshape(ids.shape[0], -1)
+
+
+def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings: int,
+                         prefix: Optional[Tensor] = None) -> Tensor:
     """``hidden [B, J] @ W.T -> [B, V]`` without building ``W``.
 
-    Prefix products of all but the last core (``V/IN`` matrices ``[R*R0, J']``) are built
-    once; the hidden states are contracted with the last core
+    Prefix products of all but the last core (``V/IN`` matrices ``[R*R0, J']``,
+    :func:`logits_prefix`) are built once (or passed as ``prefix``); the hidden states are
+    contracted with the last core
     (``T[b, iN, (r, r0), J'] = sum_jN h[b, jN, J'] * G_N[r, iN, jN, r0]``) and the
     logits are ``sum P[p, (r, r0), J'] * T[b, iN, (r, r0), J']``: one batched product that
     writes ``[B, V]`` in row order."""
     r0 = cores[0].shape[0]
-    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), r0)  # [P, K, J']
+    if prefix is None:
+        prefix = logits_prefix(cores)  # [P, K, J']
     n_pre, k_dim, j_rest = prefix.shape
     last = _last_operand(cores[-1], r0)  # [IN, JN, K]
     i_n, j_n, _ = last.shape
@@ -492,13 +516,20 @@ def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings
     # t[b, iN, K, J'] = sum_jN last[iN, jN, K] * h[b, jN, J']
     t = torch.matmul(last.transpose(1, 2).reshape(1, i_n * k_dim, j_n), h)  # [B, IN*K, J']
     t = t.view(b, i_n, k_dim * j_rest)
-    out = broadcast_bmm(prefix.reshape(n_pre, k_dim * j_rest), t.transpose(1, 2))  # [B, P, IN]
-    return out.reshape(b, n_pre * i_n)[:, :num_embeddings]
+    if b == 1:
+        out = broadcast_bmm(prefix.reshape(n_pre, k_dim * j_rest), t.transpose(1, 2))  # [B, P, IN]
+        return out.reshape(b, n_pre * i_n)[:, :num_embeddings]
+    # several hidden states: one GEMM [P, K*J'] @ [K*J', B*IN] reads the prefix once
+    out = prefix.reshape(n_pre, k_dim * j_rest) @ t.reshape(b * i_n, k_dim * j_rest).t()
+    return out.view(n_pre, b, i_n).transpose(0, 1).reshape(b, n_pre * i_n)[:, :num_embeddings]
 
 
-def logits_costs(shape: Shape, ranks: Sequence[int], batch: int) -> Tuple[float, float]:
+def logits_costs(shape: Shape, ranks: Sequence[int], batch: int,
+                 cached_prefix: bool = False) -> Tuple[float, float]:
     """Multiply-adds of the two logits paths for ``batch`` hidden vectors:
-    ``(materialize + GEMM, contraction through the cores)``."""
+    ``(materialize + GEMM, contraction through the cores)``; with ``cached_prefix`` the
+    prefix products of :func:`logits_prefix` are at hand (inference) and not counted for
+    the contraction."""
     rows, cols = shape
     v, j = math.prod(rows), math.prod(cols)
     r0, r_last = ranks[0], ranks[-2]
@@ -509,7 +540,8 @@ def logits_costs(shape: Shape, ranks: Sequence[int], batch: int) -> Tuple[float,
         prefixes += count * ranks[k] * ranks[k + 1] * jp * cols[k] * r0
         jp *= cols[k]
     dense = prefixes + v * j * r_last * r0 + batch * v * j
-    through = prefixes + batch * rows[-1] * j * r_last * r0 + batch * v * (j // cols[-1]) * r_last * r0
+    through = (0.0 if cached_prefix else prefixes) + batch * rows[-1] * j * r_last * r0 \
+        + batch * v * (j // cols[-1]) * r_last * r0
     return dense, through
 
 

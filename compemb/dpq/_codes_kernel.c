@@ -1,0 +1,73 @@
+/* DPQ logits from codes: out[m, v] = sum_g T[g*K + codes[v, g], m].
+ *
+ * Compiled at first use by compemb.dpq.kernels (gcc -O3 -march=native -fopenmp) and
+ * called through ctypes; the pure-PyTorch path in compemb.dpq.kernels computes the same
+ * numbers and is used when this cannot be built.
+ *
+ * Layouts (all contiguous):
+ *   T      float32 [D*K, M]: per-token partial dot products, row g*K + k holds the M
+ *          tokens' products of group g's hidden sub-vector with value row k, so one code
+ *          reads M neighbouring floats.
+ *   codes  [ceil(V/16), D, 16] of uint8 / int16 (read as uint16) / int32: the codes of
+ *          16 symbols side by side for each group ("blocked"), so a block of 16 symbols
+ *          reads D*16 consecutive codes and keeps 16 independent sums per token.
+ *   out    float32 [M, V].
+ * Summation order per symbol: groups 0..D-1, one float32 accumulator per (symbol, token).
+ * Blocks are handed out dynamically: on a shared machine a descheduled thread leaves its
+ * share to the others instead of holding up the whole call.
+ */
+#include <stdint.h>
+
+#define BLK 16
+
+#define DEFINE_BLOCK(NAME, CT)                                                             \
+  static inline __attribute__((always_inline)) void NAME(                                \
+      const float *restrict T, const CT *restrict c, long D, long K, long M, long m0,      \
+      const int W, float *restrict acc) {                                                  \
+    for (int i = 0; i < BLK * W; i++) acc[i] = 0.f;                                        \
+    for (long g = 0; g < D; g++) {                                                         \
+      const float *restrict Tg = T + (g * K) * M + m0;                                     \
+      const CT *restrict cg = c + g * BLK;                                                 \
+      for (int j = 0; j < BLK; j++) {                                                      \
+        const float *restrict row = Tg + (long)cg[j] * M;                                  \
+        for (int w = 0; w < W; w++) acc[j * W + w] += row[w];                              \
+      }                                                                                    \
+    }                                                                                      \
+  }
+
+#define DEFINE_KERNEL(NAME, CT)                                                            \
+  DEFINE_BLOCK(NAME##_block, CT)                                                           \
+  void NAME(const float *T, const CT *codes, float *out, long V, long D, long K, long M,   \
+            int threads) {                                                                 \
+    long nblk = (V + BLK - 1) / BLK;                                                       \
+    _Pragma("omp parallel for schedule(dynamic, 32) num_threads(threads) if(threads > 1)") \
+    for (long b = 0; b < nblk; b++) {                                                      \
+      float acc[BLK * 16];                                                                 \
+      const CT *c = codes + b * D * BLK;                                                   \
+      long v0 = b * BLK;                                                                   \
+      int n = (int)(V - v0 < BLK ? V - v0 : BLK);                                          \
+      long m0 = 0;                                                                         \
+      while (m0 < M) {                                                                     \
+        long left = M - m0;                                                                \
+        int W = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;      \
+        switch (W) {                                                                       \
+          case 16: NAME##_block(T, c, D, K, M, m0, 16, acc); break;                        \
+          case 8: NAME##_block(T, c, D, K, M, m0, 8, acc); break;                          \
+          case 4: NAME##_block(T, c, D, K, M, m0, 4, acc); break;                          \
+          case 2: NAME##_block(T, c, D, K, M, m0, 2, acc); break;                          \
+          default: NAME##_block(T, c, D, K, M, m0, 1, acc); break;                         \
+        }                                                                                  \
+        for (int w = 0; w < W; w++) {                                                      \
+          float *o = out + (m0 + w) * V + v0;                                              \
+          for (int j = 0; j < n; j++) o[j] = acc[j * W + w];                               \
+        }                                                                                  \
+        m0 += W;                                                                           \
+      }                                                                                    \
+    }                                                                                      \
+  }
+
+DEFINE_KERNEL(compemb_dpq_logits_u8, uint8_t)
+DEFINE_KERNEL(compemb_dpq_logits_u16, uint16_t)
+DEFINE_KERNEL(compemb_dpq_logits_i32, int32_t)
+
+int compemb_dpq_kernel_version(void) { return 1; }
