@@ -412,6 +412,35 @@ def plot(path: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def markdown(path: Path) -> str:
+    """The rows of a run as a markdown table (what the README shows)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "row" in r]
+    key = "ppl" if "ppl" in rows[0] else "cosine"
+    dense = next(r for r in rows if r["row"] == "dense")
+    corpora = list(dense[key])
+    head = ["row", "calibration", "table MiB", "ratio"] + corpora + ["wall s"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for r in rows:
+        if r["row"] == "dense":
+            cal = "-"
+        elif "method" in r:
+            cal = r["source"] + (f", {r['calibration_minutes']:g} min distillation"
+                                 if r.get("calibration_minutes") else ", fit only")
+        else:
+            cal = "-"
+        cells = [r["row"], cal, f"{r['bytes'] / 2 ** 20:.2f}", f"{r['ratio']:.1f}x"]
+        for c in corpora:
+            if key == "ppl":
+                v = r[key][c]
+                cells.append(f"{v:.2f}" if r["row"] == "dense" else f"{v:.2f} ({100 * (v / dense[key][c] - 1):+.1f}%)")
+            else:
+                cells.append(f"{r[key][c]:.4f}")
+        cells.append(f"{r['seconds']['total']:.0f}" if "seconds" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def default_rows(minutes: float, model: str = "smollm2") -> List[str]:
     """Every row of the issue, the most telling first (a long run reports as it goes)."""
     m = f"{minutes:g}"
@@ -445,7 +474,12 @@ def main(argv=None) -> None:
                         help="only the fits' table errors in the head's metric (no perplexity)")
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
                         help="plot the JSON lines of a run to a PNG and exit")
+    parser.add_argument("--markdown", metavar="RESULTS",
+                        help="print the JSON lines of a run as a markdown table and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(Path(args.markdown)))
+        return None
     if args.plot:
         return plot(Path(args.plot[0]), Path(args.plot[1]))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))

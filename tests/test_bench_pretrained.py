@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from bench.pretrained_lm import LEGAL_CALIB, LEGAL_EVAL, PY_CALIB, PY_EVAL, default_rows, plot, round_to_nearest
+from bench.pretrained_lm import (LEGAL_CALIB, LEGAL_EVAL, PY_CALIB, PY_EVAL, default_rows, markdown,
+                                 plot, round_to_nearest)
 
 
 def test_round_to_nearest_levels_bytes_and_error():
@@ -37,11 +38,14 @@ def test_evaluation_and_calibration_files_are_disjoint():
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"model": "smollm2", "row": "dense", "bytes": 1000, "ppl": {"ptb": 10.0, "python": 5.0}},
-            {"model": "smollm2", "row": "rtn int4 row", "bytes": 200, "ppl": {"ptb": 12.0, "python": 6.0}},
-            {"model": "smollm2", "row": "dpq 10x", "bytes": 100, "calibration_minutes": 0,
+    rows = [{"model": "smollm2", "row": "dense", "bytes": 1000, "ratio": 1.0, "ppl": {"ptb": 10.0, "python": 5.0}},
+            {"model": "smollm2", "row": "rtn int4 row", "bytes": 200, "ratio": 5.0, "ppl": {"ptb": 12.0, "python": 6.0}},
+            {"model": "smollm2", "row": "dpq 10x", "bytes": 100, "calibration_minutes": 0, "method": "dpq", "source": "ptb", "ratio": 10.0,
              "ppl": {"ptb": 11.0, "python": 5.5}}]
     src = tmp_path / "r.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows))
     plot(src, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    table = markdown(src).splitlines()
+    assert table[2].startswith("| dense |") and "12.00 (+20.0%)" in table[3]
+    assert "ptb, fit only" in table[4] and "11.00 (+10.0%)" in table[4]
