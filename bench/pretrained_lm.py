@@ -392,8 +392,11 @@ def plot(path: Path, png: Path) -> None:
             value = (100 * (r[key][corpus] / dense[key][corpus] - 1)) if key == "ppl" else r[key][corpus]
             calibrated = bool(r.get("calibration_minutes"))
             face = color if (kind == "rtn" or calibrated) else "none"
-            ax.scatter(r["bytes"] / 2 ** 20, value, marker=marker, edgecolors=color,
-                       facecolors=face, s=40)
+            if marker == "x":  # an unfilled marker takes one colour
+                ax.scatter(r["bytes"] / 2 ** 20, value, marker=marker, color=color, s=40)
+            else:
+                ax.scatter(r["bytes"] / 2 ** 20, value, marker=marker, edgecolors=color,
+                           facecolors=face, s=40)
             if kind == "rtn":
                 ax.annotate(r["row"][4:], (r["bytes"] / 2 ** 20, value), fontsize=7)
         ax.set_xscale("log")
