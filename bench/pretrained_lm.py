@@ -349,7 +349,7 @@ def table_errors(args) -> None:
         e = layer.materialize().detach() - w
         return float((((e @ s) * e).sum(1) * tw).sum() / (((w @ s) * w).sum(1) * tw).sum())
 
-    for ratio in (10, 32):
+    for ratio in args.table_ratios:
         for method in ("dpq", "tt"):
             plan = plan_fit(w.shape[0], w.shape[1], method, ratio)
             variants = {"plain": {}, "weighted": {"token_weights": tw},
@@ -475,6 +475,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="append the rows (JSON lines) to this file")
     parser.add_argument("--table-errors", action="store_true",
                         help="only the fits' table errors in the head's metric (no perplexity)")
+    parser.add_argument("--table-ratios", type=float, nargs="*", default=[10, 32])
     parser.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"),
                         help="plot the JSON lines of a run to a PNG and exit")
     parser.add_argument("--markdown", metavar="RESULTS",

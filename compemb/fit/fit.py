@@ -180,6 +180,8 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
     v, d = weight.shape
     if not (isinstance(num_exact, int) and 0 <= num_exact < v):
         raise ValueError(f"num_exact must be an int in [0, {v}), got {num_exact!r}")
+    if head_mean is not None and tuple(head_mean.shape) != (d,):
+        raise ValueError(f"head_mean must be [{d}], got {tuple(head_mean.shape)}")
     w = weight.detach().to("cpu", torch.float64)
     if token_weights is not None:
         if token_weights.shape != (v,):
@@ -220,8 +222,6 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
     layer = FittedEmbedding(base, None if transform is None else transform.to(weight.dtype),
                             exact_ids, exact_rows, row_index, padding_idx=padding_idx)
     if head_mean is not None:
-        if head_mean.shape != (d,):
-            raise ValueError(f"head_mean must be [{d}], got {tuple(head_mean.shape)}")
         with torch.no_grad():
             error = layer.materialize().double() - weight.detach().cpu().double()
             bias = -(error @ head_mean.double().cpu())
