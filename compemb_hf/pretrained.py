@@ -158,7 +158,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             eye = torch.eye(d, dtype=torch.float64)
             metric = (eye, eye)
         layer = fit_table(table.detach(), fit_plan.spec, token_weights=tw, metric=metric,
-                          rotate=fit_plan.transform,  # a rotation is stored as the transform
+                          # DPQ: a random rotation evens out the groups (stored in the
+                          # transform, so only where there is one)
+                          rotate=fit_plan.transform and method == "dpq",
                           num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
                           padding_idx=padding_idx, seed=seed,
                           head_mean=mean if (role == head_role and fit_plan.logit_bias) else None)
