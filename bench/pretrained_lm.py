@@ -56,6 +56,9 @@ WINDOW = 512
 EVAL_TOKENS = 16384
 RATIOS = (4, 10, 16, 32)
 RTN_BITS = (8, 4, 3, 2)
+#: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
+#: token, or ``random-``: from a random first token), alone or after PTB train.
+SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled")
 
 
 # ------------------------------------------------------------------------------ models
@@ -208,7 +211,7 @@ def run_causal(args) -> None:
 
     import compemb
     import compemb_hf
-    from compemb_hf.calibration import sample_tokens, sources_from_texts
+    from compemb_hf.calibration import CalibrationSource, sample_tokens, sources_from_texts
 
     torch.manual_seed(0)
     path = smollm2_dir()
@@ -234,15 +237,41 @@ def run_causal(args) -> None:
     base = dense_row["ppl"]
     sources: Dict[str, list] = {}
 
-    def calibration_sources(name: str) -> list:
-        """The sampled text is drawn once and shared (its time is reported with each row)."""
-        if "sampled" not in sources:
+    def sampled(start: str) -> list:
+        """Text sampled from the dense model from its BOS token (``bos``) or from a random
+        first token (``random``), drawn once per run (kept in ``--samples-cache`` if given,
+        with the seconds it took, so later runs report the same cost)."""
+        key = f"sampled:{start}"
+        if key in sources:
+            return sources[key]
+        cache = (Path(args.samples_cache) / f"smollm2-{start}-{args.sample}-seed{args.seed}.pt"
+                 if args.samples_cache else None)
+        if cache is not None and cache.is_file():
+            saved = torch.load(cache, weights_only=True)
+            windows, secs = saved["windows"], float(saved["seconds"])
+        else:
             t = time.monotonic()
-            sources["sampled"] = [sample_tokens(dense, args.sample, seed=args.seed, progress=False)]
-            sources["sampling seconds"] = time.monotonic() - t
-            sources["ptb+sampled"] = (sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]})
-                                      + sources["sampled"])
-        return sources[name]
+            windows = sample_tokens(dense, args.sample, seed=args.seed, progress=False,
+                                    random_start=start == "random",
+                                    exclude_tokens=tokenizer.all_special_ids).windows
+            secs = time.monotonic() - t
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"windows": windows, "seconds": secs}, cache)
+        sources[key] = [CalibrationSource("sampled", windows)]
+        sources[f"seconds:{start}"] = secs
+        return sources[key]
+
+    def calibration_sources(name: str) -> tuple:
+        """``(sources, seconds of sampling)`` for a row's source name: ``sampled`` (from
+        BOS), ``random-sampled`` (random first tokens), each alone or after ``ptb+``."""
+        if name not in SOURCES:
+            raise ValueError(f"unknown calibration source {name!r}; one of {', '.join(SOURCES)}")
+        start = "random" if name.endswith("random-sampled") else "bos"
+        chosen = list(sampled(start))
+        if name.startswith("ptb+"):
+            chosen = sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]}) + chosen
+        return chosen, sources[f"seconds:{start}"]
 
     for spec in args.rows:
         model = copy.deepcopy(dense)
@@ -252,7 +281,7 @@ def run_causal(args) -> None:
         else:
             method, ratio, source, minutes = spec.split(":")  # dpq:10:ptb+sampled:0
             ratio, minutes = float(ratio), float(minutes)
-            chosen = calibration_sources(source)
+            chosen, sampling_secs = calibration_sources(source)
             t = time.monotonic()
             result = compemb_hf.compress_pretrained(
                 model, method, ratio, sources=chosen, sample=0,
@@ -262,11 +291,12 @@ def run_causal(args) -> None:
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
                    "target": ratio, "source": source, "calibration_minutes": minutes,
-                   "seed": args.seed, "plan": result.plan.describe(),
+                   "seed": args.seed, "exact_share": args.exact_share,
+                   "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
-                   "seconds": {**result.seconds, "sampling (shared)": sources["sampling seconds"],
-                               "total": secs + sources["sampling seconds"]},
+                   "seconds": {**result.seconds, "sampling (shared)": sampling_secs,
+                               "total": secs + sampling_secs},
                    "ppl": evaluate(model)}
             if result.calibration is not None:
                 c = result.calibration
@@ -465,13 +495,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
     parser.add_argument("--rows", nargs="*", help="rtn:BITS:row|g32 and METHOD:RATIO:SOURCE:MINUTES "
-                        "(SOURCE: sampled or ptb+sampled, minilm: ptb; MINUTES 0: no "
+                        "(SOURCE: sampled, ptb+sampled, random-sampled or ptb+random-sampled, minilm: ptb; MINUTES 0: no "
                         "distillation); default: every row, the most telling first")
     parser.add_argument("--calibration-minutes", type=float, default=10.0,
                         help="budget of the calibrated rows (SmolLM2; MiniLM rows name theirs)")
     parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
     parser.add_argument("--exact-share", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-cache", metavar="DIR",
+                        help="keep the sampled calibration text (and its sampling time) here "
+                             "and reuse it in later runs")
     parser.add_argument("--out", help="append the rows (JSON lines) to this file")
     parser.add_argument("--table-errors", action="store_true",
                         help="only the fits' table errors in the head's metric (no perplexity)")

@@ -138,11 +138,21 @@ def can_sample(model: nn.Module) -> bool:
 @torch.no_grad()
 def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN,
                   batch_size: int = SAMPLE_BATCH, seed: int = 0, start_token: Optional[int] = None,
+                  random_start: bool = False, exclude_tokens: Sequence[int] = (),
                   progress: bool = True, deadline: Optional[float] = None) -> CalibrationSource:
     """About ``num_tokens`` tokens sampled from ``model`` itself (temperature 1, no top-k),
     as ``ceil(num_tokens / seq_len)`` windows of ``seq_len``, generated ``batch_size`` at a
     time from the start token (default: the model's BOS, else EOS). Reproducible: the
     same ``seed`` gives the same tokens, and the global RNG is left as it was.
+
+    ``random_start``: each window begins with a token drawn uniformly from the vocabulary
+    (leaving out ``exclude_tokens``, the start token and the config's BOS / EOS / PAD
+    ids; give the tokenizer's ``all_special_ids``), the model writing the rest after
+    the start token and it. Text sampled from the start token alone stays in the model's
+    favourite genre (an instruct model writes chat); a random first token sends each
+    window somewhere else (code, other languages, lists), so that statistics from it cover
+    more of what users will feed the model (measured on SmolLM2, DPQ 10x: perplexity
+    0.5 to 1.2 points closer to dense out of domain, the same in domain; README).
     ``deadline`` (``time.monotonic()`` value): stop early, keeping whole windows.
     ``ValueError`` when ``num_tokens`` is below one window (naming ``seq_len``)."""
     if not can_sample(model):
@@ -162,6 +172,21 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
                          "start_token=...")
     windows = math.ceil(num_tokens / seq_len)
     device = next(model.parameters()).device
+    allowed = None
+    if random_start:
+        vocab = min(int(getattr(config, "vocab_size", 0) or 0) or 10 ** 12,
+                    model.get_input_embeddings().weight.shape[0])
+        keep = torch.ones(vocab, dtype=torch.bool)
+        specials = [getattr(config, k, None) for k in ("bos_token_id", "eos_token_id",
+                                                        "pad_token_id")]
+        specials = [t for s_ in specials if s_ is not None
+                    for t in (s_ if isinstance(s_, (list, tuple)) else [s_])]
+        drop = torch.tensor([int(t) for t in (*exclude_tokens, *specials, start)
+                             if 0 <= int(t) < vocab], dtype=torch.long)
+        keep[drop] = False
+        allowed = keep.nonzero().squeeze(1)
+        if allowed.numel() == 0:
+            raise ValueError("random_start: exclude_tokens leaves no token to start from")
     out: List[Tensor] = []
     was_training = model.training
     model.eval()
@@ -175,10 +200,15 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
                 if deadline is not None and time.monotonic() > deadline and out:
                     break
                 n = min(batch_size, windows - done)
-                prompt = torch.full((n, 1), int(start), dtype=torch.long, device=device)
+                prompt = torch.full((n, 1), int(start), dtype=torch.long)
+                if allowed is not None:
+                    first = allowed[torch.randint(len(allowed), (n, 1))]
+                    prompt = torch.cat([prompt, first], dim=1)
+                prompt = prompt.to(device)
+                new = seq_len - (prompt.shape[1] - 1)
                 gen = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                      do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                     max_new_tokens=seq_len, min_new_tokens=seq_len,
+                                     max_new_tokens=new, min_new_tokens=new,
                                      pad_token_id=int(start))
                 out.append(gen[:, 1:1 + seq_len].cpu())
                 done += n
@@ -187,6 +217,11 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
         bar.close()
         model.train(was_training)
     return CalibrationSource("sampled", torch.cat(out))
+
+
+def special_ids(tokenizer: Any) -> List[int]:
+    """The tokenizer's special token ids (none without a tokenizer)."""
+    return [int(t) for t in (getattr(tokenizer, "all_special_ids", None) or [])]
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -314,7 +349,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
               tokenizer: Any = None, sources: Optional[Sequence[CalibrationSource]] = None,
               sample: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 2,
               lr: float = 1e-3, eval_every: int = 10, seed: int = 0,
-              progress: bool = True) -> CalibrationResult:
+              random_start: bool = True, progress: bool = True) -> CalibrationResult:
     """Train only the compressed tables of ``model`` so that it matches the dense
     ``teacher``: logit KL for language models, hidden states for encoders. In place.
 
@@ -332,6 +367,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
             Neither: 100 steps.
         sources: ready token windows instead of ``texts`` (what ``compress_pretrained``
             passes).
+        random_start: sampled windows begin with a random token (:func:`sample_tokens`),
+            not all with BOS.
         lr: Adam learning rate relative to each parameter's RMS (each parameter moves by
             about ``lr`` of its own scale per step).
         eval_every: steps between evaluations on the held-out windows (one per source);
@@ -372,7 +409,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
         sample = DEFAULT_SAMPLE_TOKENS if (can_sample(teacher) and sources is None) else 0
     if sample:
         srcs.append(sample_tokens(teacher, sample, seq_len=seq_len, seed=seed, progress=progress,
-                                  deadline=deadline))
+                                  deadline=deadline, random_start=random_start,
+                                  exclude_tokens=special_ids(tokenizer)))
     if not srcs:
         raise ValueError(f"{type(teacher).__name__} cannot generate text: give calibration text "
                          f"(--calibration-text FILE, or texts=... with tokenizer=...)")

@@ -1,7 +1,8 @@
 """The ``compemb`` command line.
 
     compemb compress MODEL_DIR --method dpq|tt --ratio R [--calibration-text FILE_OR_DIR ...]
-                     [--calibration-minutes M] [--sample-tokens N] --out DIR
+                     [--calibration-minutes M] [--sample-tokens N] [--sample-start random|bos]
+                     --out DIR
     compemb compress MODEL_DIR --method tt --rank 16 [--output tied|untied|dense] --out DIR
     compemb compress MODEL_DIR --method dpq --num-codes 32 --num-groups 32 [--export] --out DIR
     compemb report MODEL_DIR [--json]
@@ -135,18 +136,26 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order)
-    sources = None
+    sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         sources = sources_from_texts(tokenizer, texts)  # too short for a window: refused now
+    elif args.sample_start == "random":  # its special tokens are not drawn as starts
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        except (OSError, ValueError):  # a folder without tokenizer files
+            tokenizer = None
     model = _load(args.model_dir)
     if texts is None and not can_sample(model):
         raise ValueError(f"{type(model).__name__} cannot generate text to calibrate on: give "
                          f"--calibration-text FILE (or a folder of .txt files)")
     result = compress_pretrained(
-        model, args.method, args.ratio, sources=sources,
+        model, args.method, args.ratio, sources=sources, tokenizer=tokenizer,
+        random_start=args.sample_start == "random",
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
@@ -262,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no distillation, only the data-aware fit)")
     c.add_argument("--sample-tokens", type=int, default=None,
                    help="tokens sampled from the model itself (causal LMs; default 8192)")
+    c.add_argument("--sample-start", choices=["random", "bos"], default="random",
+                   help="each sampled window starts from a random token (default: text of "
+                        "many kinds) or from BOS (the model's favourite genre)")
     c.add_argument("--exact-share", type=float, default=None,
                    help="share of the bytes for rows kept exactly (default 0.1)")
     c.add_argument("--row-order", action="store_true",

@@ -28,6 +28,7 @@ from compemb.fit import DEFAULT_EXACT_SHARE, FitPlan, fit_table, metric_root, pl
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
                           calibrate, can_sample, collect_statistics, sample_tokens,
+                          special_ids,
                           sources_from_texts)
 from .config import CompressedEmbeddingConfig
 from .surgery import apply_surgery, is_compressed, plan_surgery
@@ -65,7 +66,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         calibration_steps: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN,
                         exact_share: float = DEFAULT_EXACT_SHARE, row_order: bool = False,
                         prior: Optional[float] = None, cap: Optional[float] = None,
-                        seed: int = 0, progress: bool = True) -> PretrainedCompression:
+                        seed: int = 0, random_start: bool = True,
+                        progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
     ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
     compressed (``save_pretrained`` writes the inference form: DPQ codes and values, TT
@@ -84,6 +86,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         exact_share: share of each table's bytes for rows kept exactly.
         row_order: TT/TR: place similar rows under shared index prefixes.
         prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
+        random_start: sampled windows begin with a random token (``tokenizer``'s special
+            tokens left out), not all with BOS (:func:`compemb_hf.calibration.sample_tokens`).
         sources: ready token windows (:class:`compemb_hf.calibration.CalibrationSource`,
             e.g. one sampling shared by several compressions), used beside ``texts`` and
             ``sample``.
@@ -125,7 +129,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     t = time.monotonic()
     if sample:
         sources.append(sample_tokens(model, sample, seq_len=seq_len, seed=seed, progress=progress,
-                                     deadline=deadline))
+                                     deadline=deadline, random_start=random_start,
+                                     exclude_tokens=special_ids(tokenizer)))
     seconds["sampling"] = time.monotonic() - t
     t = time.monotonic()
     counts, second, mean = collect_statistics(model, sources, v, progress=progress,

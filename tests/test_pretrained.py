@@ -155,6 +155,26 @@ def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(lm):
         sample_tokens(lm, 10, seq_len=16, progress=False)
 
 
+def test_random_start_sampling_begins_each_window_with_an_allowed_random_token(lm):
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    bos = lm.config.bos_token_id
+    excluded = [0, 2, 5]
+    a = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True,
+                      exclude_tokens=excluded)
+    b = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True,
+                      exclude_tokens=excluded)
+    plain = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False)
+    assert a.windows.shape == (12, 16) and torch.equal(a.windows, b.windows)
+    first = a.windows[:, 0]
+    assert not any(int(t) in excluded + [bos] for t in first)
+    assert len(set(first.tolist())) > 6  # drawn from the vocabulary, not one start
+    assert int(first.max()) < vocab
+    assert not torch.equal(a.windows, plain.windows)
+    with pytest.raises(ValueError, match="exclude_tokens leaves no token"):
+        sample_tokens(lm, 16, seq_len=16, progress=False, random_start=True,
+                      exclude_tokens=range(vocab))
+
+
 def test_two_sources_are_both_used_and_weigh_the_same(tokenizer, lm):
     from compemb_hf.calibration import collect_statistics
 
@@ -239,6 +259,24 @@ def test_cli_compress_ratio_round_trip_and_report(lm_dir, tokenizer, tmp_path, c
     data = json.loads(capsys.readouterr().out)
     assert data["totals"]["embedding_ratio"] >= 3
     assert data["totals"]["weights_bytes_on_disk"] == os.path.getsize(out / "model.safetensors")
+
+
+def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokenizer, tmp_path,
+                                                                  monkeypatch):
+    import compemb_hf.pretrained as pretrained
+
+    seen = []
+
+    def spy(model, num_tokens, **kw):
+        seen.append(kw)
+        return sample_tokens(model, num_tokens, **kw)
+
+    monkeypatch.setattr(pretrained, "sample_tokens", spy)
+    for extra, out in (([], "random"), (["--sample-start", "bos"], "bos")):
+        assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
+                    "256", "--quiet", "--out", str(tmp_path / out)] + extra) == 0
+    assert [kw["random_start"] for kw in seen] == [True, False]
+    assert set(tokenizer.all_special_ids) <= set(seen[0]["exclude_tokens"])
 
 
 def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
