@@ -56,6 +56,8 @@ WINDOW = 512
 EVAL_TOKENS = 16384
 RATIOS = (4, 10, 16, 32)
 RTN_BITS = (8, 4, 3, 2)
+#: The exact share the first rows ran with (rows at another share say so in the table).
+DEFAULT_SHARE = 0.1
 #: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
 #: token, or ``random-``: from a random first token), alone or after PTB train.
 SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled")
@@ -286,7 +288,7 @@ def run_causal(args) -> None:
             result = compemb_hf.compress_pretrained(
                 model, method, ratio, sources=chosen, sample=0,
                 calibration_minutes=minutes or None, seed=args.seed, progress=False,
-                exact_share=args.exact_share)
+                exact_share=args.exact_share, head_steps=args.head_steps)
             secs = time.monotonic() - t
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
@@ -298,6 +300,10 @@ def run_causal(args) -> None:
                    "seconds": {**result.seconds, "sampling (shared)": sampling_secs,
                                "total": secs + sampling_secs},
                    "ppl": evaluate(model)}
+            if result.head_fit is not None:
+                f = result.head_fit
+                row["head_fit"] = {"steps": f.steps, "heldout_before": f.heldout_before,
+                                   "heldout_after": f.heldout_after}
             if result.calibration is not None:
                 c = result.calibration
                 row["calibration"] = {"steps": c.steps, "heldout_before": c.heldout_before,
@@ -458,8 +464,12 @@ def markdown(path: Path) -> str:
         if r["row"] == "dense":
             cal = "-"
         elif "method" in r:
-            cal = r["source"] + (f", {r['calibration_minutes']:g} min distillation"
-                                 if r.get("calibration_minutes") else ", fit only")
+            cal = r["source"] + (f", head fit {r['head_fit']['steps']} steps"
+                                 if r.get("head_fit") else "")
+            cal += (f", {r['calibration_minutes']:g} min distillation"
+                    if r.get("calibration_minutes") else ("" if r.get("head_fit") else ", fit only"))
+            if r.get("exact_share", DEFAULT_SHARE) != DEFAULT_SHARE:
+                cal += f", exact share {r['exact_share']:g}"
         else:
             cal = "-"
         cells = [r["row"], cal, f"{r['bytes'] / 2 ** 20:.2f}", f"{r['ratio']:.1f}x"]
@@ -501,6 +511,8 @@ def main(argv=None) -> None:
                         help="budget of the calibrated rows (SmolLM2; MiniLM rows name theirs)")
     parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
     parser.add_argument("--exact-share", type=float, default=None)
+    parser.add_argument("--head-steps", type=int, default=None,
+                        help="steps of the head fit (default: compress_pretrained's; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-cache", metavar="DIR",
                         help="keep the sampled calibration text (and its sampling time) here "

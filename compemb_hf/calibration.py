@@ -235,7 +235,8 @@ def _head(model: nn.Module) -> Optional[nn.Module]:
 @torch.no_grad()
 def collect_statistics(model: nn.Module, sources: Sequence[CalibrationSource],
                        num_embeddings: int, *, batch_size: int = 4, max_windows: int = 32,
-                       progress: bool = True, deadline: Optional[float] = None):
+                       progress: bool = True, deadline: Optional[float] = None,
+                       head_inputs: Optional[List[Tensor]] = None):
     """``(counts [V], second_moment [d, d] or None, mean [d] or None)``: token counts of
     every source, each
     scaled to the same total (every source weighs the same, however long), and the second
@@ -244,7 +245,8 @@ def collect_statistics(model: nn.Module, sources: Sequence[CalibrationSource],
     the moment runs the (dense) model on up to ``max_windows`` windows of each source
     spread over it (a ``d x d`` average settles long before the counts of ``V`` tokens
     do), stopping at ``deadline`` (``time.monotonic()``) once every source has had a
-    batch."""
+    batch. ``head_inputs``: a list that gets, per source, the head inputs seen
+    (``float32 [tokens, d]`` on the CPU, for :func:`compemb.fit.fit_head`)."""
     counts = torch.zeros(num_embeddings, dtype=torch.float64)
     head = _head(model)
     moments: List[SecondMoment] = []
@@ -259,6 +261,7 @@ def collect_statistics(model: nn.Module, sources: Sequence[CalibrationSource],
             if head is None:
                 continue
             moment: Optional[SecondMoment] = None
+            kept: List[Tensor] = []
 
             def hook(_module, args):
                 nonlocal moment
@@ -266,6 +269,8 @@ def collect_statistics(model: nn.Module, sources: Sequence[CalibrationSource],
                 if moment is None:
                     moment = SecondMoment(h.shape[-1])
                 moment.update(h)
+                if head_inputs is not None:
+                    kept.append(h.detach().reshape(-1, h.shape[-1]).float().cpu())
 
             handle = head.register_forward_pre_hook(hook)
             n = source.windows.shape[0]
@@ -281,6 +286,8 @@ def collect_statistics(model: nn.Module, sources: Sequence[CalibrationSource],
                 handle.remove()
             if moment is not None:
                 moments.append(moment)
+            if head_inputs is not None and kept:
+                head_inputs.append(torch.cat(kept))
     finally:
         bar.close()
         model.train(was_training)

@@ -126,6 +126,8 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
                          f"{['--' + f.replace('_', '-') for f in explicit] or '--export/--init/--modules'}")
     if args.calibration_minutes is not None and not args.calibration_minutes > 0:
         raise ValueError(f"--calibration-minutes must be > 0, got {args.calibration_minutes}")
+    if args.head_steps is not None and args.head_steps < 0:
+        raise ValueError(f"--head-steps must be >= 0 (0: no head fit), got {args.head_steps}")
     out = _check_out(args.out, args.model_dir)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise ValueError(f"{args.model_dir} has no config.json: give a folder written by "
@@ -159,10 +161,15 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
+        head_steps=args.head_steps,
         **({} if args.exact_share is None else {"exact_share": args.exact_share}))
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
         print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
+        if result.head_fit is not None:
+            f = result.head_fit
+            print(f"head fit: {f.steps} steps, held-out KL {f.heldout_before:.4f} -> "
+                  f"{f.heldout_after:.4f}")
         if result.calibration is not None:
             c = result.calibration
             print(f"calibration: {c.steps} steps, held-out loss {c.heldout_before:.4f} -> "
@@ -274,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sample-start", choices=["random", "bos"], default="random",
                    help="each sampled window starts from a random token (default: text of "
                         "many kinds) or from BOS (the model's favourite genre)")
+    c.add_argument("--head-steps", type=int, default=None,
+                   help="steps of the head fit, which tunes the compressed tables to the "
+                        "dense head's softmax on the calibration text's head inputs "
+                        "(default 200; 0: none)")
     c.add_argument("--exact-share", type=float, default=None,
                    help="share of the bytes for rows kept exactly (default 0.1)")
     c.add_argument("--row-order", action="store_true",

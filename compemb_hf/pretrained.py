@@ -10,7 +10,10 @@
    (:func:`compemb.fit.plan_fit`), with rows kept exactly for the most used tokens;
 4. each table is fitted in the head's metric (:func:`compemb.fit.fit_table`) and put in
    (the model's own tying kept);
-5. a short distillation against the dense model (:func:`compemb_hf.calibrate`), within the
+5. for a model with an LM head, the head fit (:func:`compemb.fit.fit_head`): the compressed
+   parameters tuned so that the head's softmax matches the dense one on the head inputs
+   that step 2 saw (no pass through the transformer, so many steps are cheap);
+6. a short distillation against the dense model (:func:`compemb_hf.calibrate`), within the
    time budget that is left.
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from compemb.fit import DEFAULT_EXACT_SHARE, FitPlan, fit_table, metric_root, plan_fit, token_weights
+from compemb.fit import (DEFAULT_EXACT_SHARE, FitPlan, HeadFit, fit_head, fit_table, metric_root,
+                         plan_fit, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -33,11 +37,13 @@ from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationRes
 from .config import CompressedEmbeddingConfig
 from .surgery import apply_surgery, is_compressed, plan_surgery
 
-__all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT"]
+__all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT", "HEAD_STEPS"]
 
 #: Weight of plain L2 beside the head's metric for a tied table (whose rows are also read
 #: by the input side); an untied head gets a tenth of it.
 IDENTITY_WEIGHT = 1.0
+#: Steps of the head fit (batches of 256 head inputs) by default.
+HEAD_STEPS = 200
 
 
 @dataclass
@@ -49,6 +55,7 @@ class PretrainedCompression:
         output: how the head is compressed (``"tied"``, ``"untied"``, ``"dense"``, ``"none"``).
         sources: ``{name: tokens}`` of the calibration text (``"sampled"``: from the model).
         seconds: wall time per stage (``sampling``, ``statistics``, ``fit``, ``calibration``).
+        head_fit: the head fit's result (:class:`compemb.fit.HeadFit`), or ``None``.
         calibration: the distillation's result, or ``None`` when not run.
     """
 
@@ -56,6 +63,7 @@ class PretrainedCompression:
     output: str
     sources: Dict[str, int] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    head_fit: Optional[HeadFit] = None
     calibration: Optional[CalibrationResult] = None
 
 
@@ -67,6 +75,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         exact_share: float = DEFAULT_EXACT_SHARE, row_order: bool = False,
                         prior: Optional[float] = None, cap: Optional[float] = None,
                         seed: int = 0, random_start: bool = True,
+                        head_steps: Optional[int] = None,
                         progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
     ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
@@ -82,7 +91,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             :data:`DEFAULT_SAMPLE_TOKENS` for a causal LM; 0 for an encoder, which then
             needs ``texts``).
         calibration_minutes, calibration_steps: the distillation's budget (minutes count
-            sampling and statistics too). Neither: no distillation, only the data-aware fit.
+            sampling, statistics and the head fit too). Neither: no distillation, only the
+            data-aware fit and the head fit.
+        head_steps: steps of the head fit (default :data:`HEAD_STEPS`; 0: none). It stops
+            early at the calibration deadline, leaving the distillation what is left.
         exact_share: share of each table's bytes for rows kept exactly.
         row_order: TT/TR: place similar rows under shared index prefixes.
         prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
@@ -102,6 +114,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         raise ValueError(f"{type(model).__name__} is already compressed")
     if method not in ("tt", "tr", "dpq"):
         raise ValueError(f"method must be 'dpq', 'tt' or 'tr', got {method!r}")
+    head_steps = HEAD_STEPS if head_steps is None else head_steps
+    if not (isinstance(head_steps, int) and not isinstance(head_steps, bool) and head_steps >= 0):
+        raise ValueError(f"head_steps must be an int >= 0, got {head_steps!r}")
     probe = CompressedEmbeddingConfig(method)
     layout = plan_surgery(model, probe)  # ValueError for a model without a replaceable embedding
     weight = layout.groups[0].weight
@@ -133,8 +148,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                                      exclude_tokens=special_ids(tokenizer)))
     seconds["sampling"] = time.monotonic() - t
     t = time.monotonic()
+    head_inputs: list = []
     counts, second, mean = collect_statistics(model, sources, v, progress=progress,
-                                              deadline=deadline)
+                                              deadline=deadline, head_inputs=head_inputs)
     seconds["statistics"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -171,6 +187,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                           head_mean=mean if (role == head_role and fit_plan.logit_bias) else None)
         return layer.to(table.device)
 
+    dense_head = _dense_head(model) if has_head else None
     apply_surgery(model, config, from_weights=True, progress=progress, build=build)
     from .quantizer import mark_compressed
 
@@ -179,6 +196,12 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     result = PretrainedCompression(plan=fit_plan, output=layout.output,
                                    sources={s.name: s.num_tokens for s in sources},
                                    seconds=seconds)
+    if dense_head is not None and head_inputs and head_steps:
+        t = time.monotonic()
+        result.head_fit = _fit_head(model, dense_head, head_inputs, head_steps, deadline, seed,
+                                    progress)
+        seconds["head fit"] = time.monotonic() - t
+    del dense_head
     if teacher is not None:
         left = None if deadline is None else (deadline - time.monotonic()) / 60.0
         if left is None or left > 0:
@@ -188,3 +211,43 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             seconds["calibration"] = result.calibration.seconds
         del teacher
     return result
+
+
+def _dense_head(model: nn.Module):
+    """``(weight [V, d], bias [V] or None)`` of the model's dense LM head, copied."""
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().clone()
+    bias = getattr(head, "bias", None)
+    return weight, None if bias is None else bias.detach().clone()
+
+
+def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: Optional[float],
+              seed: int, progress: bool) -> HeadFit:
+    """The compressed parameters (not the transforms) tuned to the dense head's softmax."""
+    from .calibration import FROZEN, _progress
+    from .surgery import compressed_layers
+
+    weight, bias = dense_head
+    head = model.get_output_embeddings()
+    device = weight.device
+
+    def teacher(h: torch.Tensor) -> torch.Tensor:
+        out = h.to(device) @ weight.T
+        return out if bias is None else out + bias
+
+    def student(h: torch.Tensor) -> torch.Tensor:
+        return head(h.to(device))
+
+    params = [p for layer in compressed_layers(model).values()
+              for name, p in layer.named_parameters()
+              if p.is_floating_point() and name.rsplit(".", 1)[-1] not in FROZEN]
+    bar = _progress(total=steps, desc="head fit", unit="step", enabled=progress)
+    try:
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(kl=f"{loss:.4f}")
+
+        return fit_head(student, teacher, head_inputs, params, steps=steps, deadline=deadline,
+                        seed=seed, on_step=on_step)
+    finally:
+        bar.close()

@@ -260,3 +260,56 @@ def test_logit_bias_cancels_each_rows_error_along_the_head_mean():
     assert layer.storage().stored_bytes == plain.storage().stored_bytes + 600 * 4
     with pytest.raises(ValueError, match="head_mean"):
         fit_table(w, spec, head_mean=torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------- head fit
+def _head_case(seed=7):
+    from compemb.fit.head import head_kl
+
+    g = torch.Generator().manual_seed(seed)
+    w = _table(v=300, d=16, seed=seed) * 20  # logits of a few nats
+    mu = torch.randn(16, generator=g)
+    spec = EmbeddingSpec("dpq", {"num_codes": 4, "num_groups": 4})
+    layer = fit_table(w, spec, head_mean=mu.double(), num_exact=3,
+                      metric=metric_root(torch.eye(16, dtype=torch.float64), 16))
+    sources = [mu + torch.randn(400, 16, generator=g), mu + 0.5 * torch.randn(200, 16, generator=g)]
+    return w, layer, sources, head_kl
+
+
+def test_fit_head_lowers_the_heldout_kl_and_trains_only_what_it_is_given():
+    from compemb.fit.head import fit_head
+
+    w, layer, sources, head_kl = _head_case()
+    teacher = lambda h: h @ w.T  # noqa: E731
+    trained = [layer.base.values, layer.logit_bias, layer.exact_rows]
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    fresh = [s[-40:] for s in sources]  # rows the fit holds out (the last 10% of each)
+    kl0 = sum(head_kl(layer.logits, teacher, s) for s in fresh)
+    result = fit_head(layer.logits, teacher, sources, trained, steps=60, batch_size=64,
+                      lr=0.02, eval_every=10)
+    assert result.steps == 60
+    assert result.heldout_after < 0.8 * result.heldout_before
+    assert sum(head_kl(layer.logits, teacher, s) for s in fresh) < kl0
+    after = dict(layer.named_parameters())
+    for name in ("base.values", "logit_bias", "exact_rows"):
+        assert not torch.equal(after[name], before[name]), name
+    assert torch.equal(after["transform"], before["transform"])  # not given: unchanged
+    assert all(p.requires_grad for p in layer.parameters())  # flags restored
+
+
+def test_fit_head_keeps_the_start_when_nothing_helps_and_checks_its_arguments():
+    from compemb.fit.head import fit_head
+
+    w, layer, sources, _ = _head_case()
+    start = layer.logit_bias.detach().clone()
+    result = fit_head(layer.logits, lambda h: h @ w.T, sources, [layer.logit_bias], steps=5,
+                      lr=50.0, eval_every=1)  # a step far too large: every state is worse
+    assert result.heldout_after == result.heldout_before
+    assert torch.equal(layer.logit_bias.detach(), start)
+    with pytest.raises(ValueError, match="steps=... or deadline"):
+        fit_head(layer.logits, lambda h: h @ w.T, sources, [layer.logit_bias])
+    with pytest.raises(ValueError, match="floating-point parameters"):
+        fit_head(layer.logits, lambda h: h @ w.T, sources, [], steps=1)
+    with pytest.raises(ValueError, match="too few"):
+        fit_head(layer.logits, lambda h: h @ w.T, [torch.randn(1, 16)], [layer.logit_bias],
+                 steps=1)

@@ -107,6 +107,41 @@ def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
     assert err < 0.9
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(tokenizer, tied):
+    import copy
+
+    from compemb.fit import head_kl
+
+    dense = tiny_lm(len(tokenizer), tied=tied)
+    ids = tokenizer(CODE[:120], return_tensors="pt").input_ids
+    with torch.no_grad():  # head inputs of text the calibration did not see
+        h = dense.model(input_ids=ids).last_hidden_state[0]
+    teacher = dense.lm_head
+
+    def fitted(steps):
+        model = copy.deepcopy(dense)
+        result = compemb_hf.compress_pretrained(model, "dpq", 3, tokenizer=tokenizer, texts=TEXT,
+                                                sample=0, seq_len=32, head_steps=steps,
+                                                progress=False)
+        return model, result
+
+    plain, none = fitted(0)
+    tuned, result = fitted(40)
+    assert none.head_fit is None and "head fit" not in none.seconds
+    assert result.head_fit.steps == 40
+    assert result.head_fit.heldout_after < result.head_fit.heldout_before
+    assert head_kl(tuned.lm_head, teacher, h) < head_kl(plain.lm_head, teacher, h)
+    # only the compressed parameters moved, the transforms as fitted
+    for (name, a), (_, b) in zip(plain.named_parameters(), tuned.named_parameters()):
+        if "embed_tokens" not in name and "lm_head" not in name or name.endswith("transform"):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="head_steps"):
+        compemb_hf.compress_pretrained(copy.deepcopy(dense), "dpq", 3, tokenizer=tokenizer,
+                                       texts=TEXT, sample=0, seq_len=32, head_steps=-1,
+                                       progress=False)
+
+
 def test_calibration_lowers_the_loss_and_trains_only_the_tables(lm, tokenizer):
     import copy
 
@@ -251,6 +286,7 @@ def test_cli_compress_ratio_round_trip_and_report(lm_dir, tokenizer, tmp_path, c
     assert rc == 0
     printed = capsys.readouterr().out
     assert "planner: dpq" in printed and "sampled" in printed and str(code_dir) in printed
+    assert "head fit: " in printed and "held-out KL" in printed
     assert {p.name: p.stat().st_mtime_ns for p in lm_dir.iterdir()} == before  # input untouched
     assert (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -290,6 +326,7 @@ def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeyp
         (["--calibration-text", str(tmp_path / "short.txt")], "too short for one window"),
         (["--ratio", "900"], "closest ratio that can be had"),
         (["--rank", "4"], "--ratio chooses the settings itself"),
+        (["--head-steps", "-3"], "--head-steps must be >= 0"),
     ]
     for extra, match in cases:
         args = ["compress", str(lm_dir), "--method", "dpq", "--out", str(tmp_path / "o")]
