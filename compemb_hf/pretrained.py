@@ -229,14 +229,14 @@ def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: O
 
     weight, bias = dense_head
     head = model.get_output_embeddings()
-    device = weight.device
+    device, dtype = weight.device, weight.dtype  # the inputs were kept as float32
 
     def teacher(h: torch.Tensor) -> torch.Tensor:
-        out = h.to(device) @ weight.T
+        out = h.to(device, dtype) @ weight.T
         return out if bias is None else out + bias
 
     def student(h: torch.Tensor) -> torch.Tensor:
-        return head(h.to(device))
+        return head(h.to(device, dtype))
 
     params = [p for layer in compressed_layers(model).values()
               for name, p in layer.named_parameters()

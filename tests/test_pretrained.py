@@ -142,6 +142,17 @@ def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(
                                        progress=False)
 
 
+def test_a_bfloat16_model_is_fitted_and_head_fitted_in_its_dtype(tokenizer):
+    lm = tiny_lm(len(tokenizer)).to(torch.bfloat16)
+    result = compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT,
+                                            sample=0, seq_len=32, head_steps=10, progress=False)
+    assert result.head_fit.steps == 10
+    assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(lm(input_ids=tokenizer(TEXT[:40], return_tensors="pt").input_ids)
+                              .logits).all()
+
+
 def test_calibration_lowers_the_loss_and_trains_only_the_tables(lm, tokenizer):
     import copy
 
