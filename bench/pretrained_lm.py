@@ -61,6 +61,9 @@ DEFAULT_SHARE = 0.1
 #: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
 #: token, or ``random-``: from a random first token), alone or after PTB train.
 SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled")
+SOURCE_LABELS = {"sampled": "sampled (BOS starts)", "ptb+sampled": "PTB + sampled (BOS starts)",
+                 "random-sampled": "sampled (random starts)",
+                 "ptb+random-sampled": "PTB + sampled (random starts)", "ptb": "PTB"}
 
 
 # ------------------------------------------------------------------------------ models
@@ -452,9 +455,15 @@ def plot(path: Path, png: Path) -> None:
 
 
 def markdown(path: Path) -> str:
-    """The rows of a run as a markdown table (what the README shows)."""
+    """The rows of a run as a markdown table (what the README shows): dense, then
+    round-to-nearest, DPQ and TT, each from the smallest ratio to the largest (rows of the
+    same ratio in the order they ran)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "row" in r]
+    kinds = {"dense": 0, "rtn": 1, "dpq": 2, "tt": 3}
+    order = {id(r): i for i, r in enumerate(rows)}
+    rows = sorted(rows, key=lambda r: (kinds.get(r["row"].split()[0], 4), round(r["ratio"], 1),
+                                       order[id(r)]))
     key = "ppl" if "ppl" in rows[0] else "cosine"
     dense = next(r for r in rows if r["row"] == "dense")
     corpora = list(dense[key])
@@ -464,7 +473,8 @@ def markdown(path: Path) -> str:
         if r["row"] == "dense":
             cal = "-"
         elif "method" in r:
-            cal = r["source"] + (f", head fit {r['head_fit']['steps']} steps"
+            cal = SOURCE_LABELS.get(r["source"], r["source"]) + (
+                f", head fit {r['head_fit']['steps']} steps"
                                  if r.get("head_fit") else "")
             cal += (f", {r['calibration_minutes']:g} min distillation"
                     if r.get("calibration_minutes") else ("" if r.get("head_fit") else ", fit only"))

@@ -48,4 +48,13 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     table = markdown(src).splitlines()
     assert table[2].startswith("| dense |") and "12.00 (+20.0%)" in table[3]
-    assert "ptb, fit only" in table[4] and "11.00 (+10.0%)" in table[4]
+    assert "PTB, fit only" in table[4] and "11.00 (+10.0%)" in table[4]
+    # rows sorted by kind, then ratio (a 4x row run later comes before the 10x one)
+    rows.append({"model": "smollm2", "row": "dpq 4x", "bytes": 250, "method": "dpq", "ratio": 4.0,
+                 "source": "ptb+random-sampled", "calibration_minutes": 0,
+                 "head_fit": {"steps": 7}, "exact_share": 0.0, "ppl": {"ptb": 10.5, "python": 5.0}})
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    table = markdown(src).splitlines()
+    assert table[4].startswith("| dpq 4x | PTB + sampled (random starts), head fit 7 steps, "
+                               "exact share 0 |")
+    assert table[5].startswith("| dpq 10x |")
