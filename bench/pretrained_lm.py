@@ -502,13 +502,27 @@ def default_rows(minutes: float, model: str = "smollm2") -> List[str]:
                  "dpq:10:ptb:0", "tt:10:ptb:0", f"dpq:10:ptb:{m}", f"tt:10:ptb:{m}"]
         rest = [f"{meth}:{r}:ptb:0" for meth in ("dpq", "tt") for r in (4, 16, 32)]
         return first + rest + [f"dpq:32:ptb:{m}", f"tt:32:ptb:{m}"]
-    first = ["dpq:10:sampled:0", "dpq:10:ptb+sampled:0", f"dpq:10:ptb+sampled:{m}",
-             "rtn:4:row", "rtn:3:row", "tt:10:ptb+sampled:0", f"dpq:10:sampled:{m}",
-             "rtn:4:g32", "rtn:3:g32", f"tt:10:ptb+sampled:{m}", "tt:10:sampled:0"]
-    rest = [f"{meth}:{r}:ptb+sampled:0" for meth in ("dpq", "tt") for r in (4, 16, 32)]
+    first = ["dpq:10:random-sampled:0", "dpq:10:ptb+random-sampled:0",
+             f"dpq:10:ptb+random-sampled:{m}", "rtn:4:row", "rtn:3:row",
+             "tt:10:ptb+random-sampled:0", f"dpq:10:random-sampled:{m}", "rtn:4:g32", "rtn:3:g32",
+             f"tt:10:ptb+random-sampled:{m}", "tt:10:random-sampled:0"]
+    rest = [f"{meth}:{r}:ptb+random-sampled:0" for meth in ("dpq", "tt") for r in (4, 16, 32)]
     rest += ["rtn:8:row", "rtn:2:g32", "rtn:8:g32", "rtn:2:row"]
-    rest += [f"{meth}:{r}:ptb+sampled:{m}" for meth in ("dpq", "tt") for r in (4, 16, 32)]
+    rest += [f"{meth}:{r}:ptb+random-sampled:{m}" for meth in ("dpq", "tt") for r in (4, 16, 32)]
     return first + rest
+
+
+def rows_not_run(path: Path, minutes: float = 10.0) -> List[str]:
+    """The rows of :func:`default_rows` that the JSON lines at ``path`` do not hold."""
+    done = set()
+    for line in path.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if "method" in r:
+            done.add(f"{r['method']}:{r['target']:g}:{r['source']}:{r['calibration_minutes']:g}")
+        elif str(r.get("row", "")).startswith("rtn"):
+            bits, kind = r["row"].split()[1:3]
+            done.add(f"rtn:{bits[3:]}:{kind}")
+    return [spec for spec in default_rows(minutes) if spec not in done]
 
 
 def main(argv=None) -> None:

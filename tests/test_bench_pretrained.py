@@ -28,11 +28,11 @@ def test_evaluation_and_calibration_files_are_disjoint():
     assert not set(PY_EVAL) & set(PY_CALIB)
     assert not set(LEGAL_EVAL) & set(LEGAL_CALIB)
     rows = default_rows(10)
-    assert rows[0] == "dpq:10:sampled:0" and len(rows) == len(set(rows))
+    assert rows[0] == "dpq:10:random-sampled:0" and len(rows) == len(set(rows))
     for method in ("dpq", "tt"):
         for ratio in (4, 10, 16, 32):
             for minutes in (0, 10):
-                assert f"{method}:{ratio}:ptb+sampled:{minutes}" in rows
+                assert f"{method}:{ratio}:ptb+random-sampled:{minutes}" in rows
     assert {f"rtn:{b}:{k}" for b in (8, 4, 3, 2) for k in ("row", "g32")} <= set(rows)
 
 
@@ -58,3 +58,16 @@ def test_plot_writes_a_png(tmp_path):
     assert table[4].startswith("| dpq 4x | PTB + sampled (random starts), head fit 7 steps, "
                                "exact share 0 |")
     assert table[5].startswith("| dpq 10x |")
+
+
+def test_rows_not_run_lists_the_default_rows_a_file_lacks(tmp_path):
+    from bench.pretrained_lm import default_rows, rows_not_run
+
+    done = [{"model": "smollm2", "row": "dense", "bytes": 1, "ratio": 1.0, "ppl": {}},
+            {"model": "smollm2", "row": "rtn int4 g32", "bytes": 1, "ratio": 6.4, "ppl": {}},
+            {"model": "smollm2", "row": "dpq 10x", "method": "dpq", "target": 10.0,
+             "source": "random-sampled", "calibration_minutes": 0.0, "ppl": {}}]
+    src = tmp_path / "r.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in done))
+    missing = rows_not_run(src)
+    assert missing == [s for s in default_rows(10.0) if s not in ("rtn:4:g32", "dpq:10:random-sampled:0")]
