@@ -241,6 +241,10 @@ def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: O
     params = [p for layer in compressed_layers(model).values()
               for name, p in layer.named_parameters()
               if p.is_floating_point() and name.rsplit(".", 1)[-1] not in FROZEN]
+    chosen = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:  # no gradient work (nor stale .grad) for anything else
+        p.requires_grad_(id(p) in chosen)
     bar = _progress(total=steps, desc="head fit", unit="step", enabled=progress)
     try:
         def on_step(step: int, loss: float) -> None:
@@ -251,3 +255,5 @@ def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: O
                         seed=seed, on_step=on_step)
     finally:
         bar.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)

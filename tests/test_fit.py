@@ -310,6 +310,8 @@ def test_fit_head_keeps_the_start_when_nothing_helps_and_checks_its_arguments():
         fit_head(layer.logits, lambda h: h @ w.T, sources, [layer.logit_bias])
     with pytest.raises(ValueError, match="floating-point parameters"):
         fit_head(layer.logits, lambda h: h @ w.T, sources, [], steps=1)
+    with pytest.raises(ValueError, match="needs head inputs"):
+        fit_head(layer.logits, lambda h: h @ w.T, [], [layer.logit_bias], steps=1)
     with pytest.raises(ValueError, match="too few"):
         fit_head(layer.logits, lambda h: h @ w.T, [torch.randn(1, 16)], [layer.logit_bias],
                  steps=1)

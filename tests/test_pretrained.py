@@ -132,6 +132,7 @@ def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(
     assert result.head_fit.steps == 40
     assert result.head_fit.heldout_after < result.head_fit.heldout_before
     assert head_kl(tuned.lm_head, teacher, h) < head_kl(plain.lm_head, teacher, h)
+    assert all(p.grad is None and p.requires_grad for p in tuned.parameters())
     # only the compressed parameters moved, the transforms as fitted
     for (name, a), (_, b) in zip(plain.named_parameters(), tuned.named_parameters()):
         if "embed_tokens" not in name and "lm_head" not in name or name.endswith("transform"):

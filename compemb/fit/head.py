@@ -79,7 +79,9 @@ def fit_head(student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Te
             worse on held-out rows than it found it.
         on_step: called with ``(step, training loss)`` after each step (a progress bar).
 
-    ``ValueError`` for no budget, no parameters, or a source too small to hold out rows.
+    ``ValueError`` for no budget, no parameters, no inputs, or a source too small to hold
+    out rows. Parameters not in ``parameters`` that take part get gradients: freeze them
+    first to save the work (``compemb_hf`` does).
     """
     if steps is None and deadline is None:
         raise ValueError("fit_head needs steps=... or deadline=...")
@@ -90,6 +92,9 @@ def fit_head(student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Te
         raise ValueError("fit_head needs floating-point parameters to train (at least one)")
     if not 0 < heldout_share < 1:
         raise ValueError(f"heldout_share must be in (0, 1), got {heldout_share!r}")
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("fit_head needs head inputs (one [n, d] tensor per source, at least one)")
     began = time.monotonic()
     train, heldout = [], []
     for i, x in enumerate(inputs):
