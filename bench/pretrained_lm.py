@@ -441,6 +441,7 @@ def plot(path: Path, png: Path) -> None:
         ax.set_xscale("log")
         if key == "ppl":
             ax.set_yscale("symlog", linthresh=10)
+            ax.set_ylim(bottom=-5)  # no row is much better than dense: no empty negative decades
             ax.axhline(0, color="gray", lw=0.5)
         ax.set_title(f"{corpus} (dense {dense[key][corpus]:.2f})")
         ax.set_xlabel("vocabulary table MiB")
