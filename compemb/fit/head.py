@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HeadFit", "fit_head", "head_kl"]
+__all__ = ["HeadFit", "fit_head", "head_kl", "relative_adam"]
 
 
 @dataclass
@@ -33,6 +33,15 @@ class HeadFit:
     heldout_before: float
     heldout_after: float
     seconds: float
+
+
+def relative_adam(parameters: Sequence[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with each parameter's learning rate ``lr`` times its RMS, so that every
+    parameter moves by about ``lr`` of its own scale per step (codebook values, cores,
+    exact rows and a logit bias differ in scale by orders of magnitude)."""
+    return torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean()
+                                                              .sqrt().clamp_min(1e-8))}
+                             for p in parameters])
 
 
 @torch.no_grad()
@@ -110,9 +119,7 @@ def fit_head(student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Te
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().float().pow(2).mean()
-                                                              .sqrt().clamp_min(1e-8))}
-                            for p in params])
+    opt = relative_adam(params, lr)
     gen = torch.Generator().manual_seed(seed)
     per_source = max(1, math.ceil(batch_size / len(train)))
     best = before = head_kl(student, teacher, held)
