@@ -18,10 +18,11 @@ __all__ = ["TTEmbedding", "TensorNetworkEmbedding"]
 Rank = Union[int, Sequence[int]]
 #: At inference, a multiply-add of building the table counts this many of a GEMM's when
 #: :meth:`TensorNetworkEmbedding.logits` picks its path (many small batched products and a
-#: fresh V x J allocation: measured on a 2-core CPU, 49152 x 576 at rank 64, the table took
-#: ~200 ms for 2.1 G multiply-adds, the contraction with kept prefixes ~7 ms per hidden
-#: state for 0.2 G: the contraction wins up to ~40 hidden states, the table + GEMM above).
-MATERIALIZE_WEIGHT = 4
+#: fresh V x J allocation). Measured on the 2-core CPU with one thread, rank 64: the table
+#: took 73-83 ms at 49152 x 576 (1.8 G multiply-adds) and 48-54 ms at 32768 x 512, the
+#: contraction with kept prefixes won up to 64-90 hidden states, which this weight places
+#: at ~95 and ~64.
+MATERIALIZE_WEIGHT = 2
 #: At inference, batches of up to this many ids are looked up from the prefix products
 #: that logits keep (:func:`compemb.tt.math.rows_from_prefix`: a decode step's token took
 #: 0.1 ms instead of 0.9 ms through the prefix tree at 49152 x 576, rank 64); larger
