@@ -40,6 +40,20 @@ def test_every_path_equals_the_dense_product(V, D, Kc, s, shared, M):
 
 
 @needs_native
+@pytest.mark.parametrize("Kc", [256, 300, 40000])  # uint8, int16 and int32 codes
+def test_native_one_token_path_adds_in_the_same_order(Kc):
+    """One token takes the kernel's one-token path (a 16-lane gather per group on AVX-512);
+    it adds the groups in the same order as the several-token path: equal bits."""
+    codes, values, _ = _case(2053, 24, Kc, 2)
+    blocked = K.block_codes(codes, Kc)
+    hidden = torch.randn(1, 48, generator=torch.Generator().manual_seed(3))
+    one = K.logits_from_blocked(hidden, values, blocked, 2053, impl="native")
+    two = K.logits_from_blocked(hidden.expand(2, -1).contiguous(), values, blocked, 2053,
+                                impl="native")
+    assert torch.equal(one[0], two[0]) and torch.equal(one[0], two[1])
+
+
+@needs_native
 def test_native_and_torch_paths_agree_to_rounding_at_decode_size():
     codes, values, _ = _case(2053, 48, 256, 4)  # V not a multiple of 16, D*Kc > V/2
     blocked = K.block_codes(codes, 256)

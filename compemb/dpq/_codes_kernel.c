@@ -15,10 +15,51 @@
  * Summation order per symbol: groups 0..D-1, one float32 accumulator per (symbol, token).
  * Blocks are handed out dynamically: on a shared machine a descheduled thread leaves its
  * share to the others instead of holding up the whole call.
+ * One token (M == 1, a decode step at batch 1) on a CPU with AVX-512: a block's 16 codes of
+ * a group are one 16-lane gather from T (same order of additions, so the same numbers;
+ * 3.4 -> 2.8 ms at V=49152, D=144, K=256 on one thread of the development machine).
  */
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define BLK 16
+
+#ifdef __AVX512F__
+#define LOAD_IDX_uint8_t(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD_IDX_uint16_t(p) _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p)))
+#define LOAD_IDX_int32_t(p) _mm512_loadu_si512((const void *)(p))
+#define DEFINE_ONE_TOKEN(NAME, CT)                                                         \
+  static int NAME(const float *T, const CT *codes, float *out, long V, long D, long K,     \
+                  int threads) {                                                           \
+    long nblk = (V + BLK - 1) / BLK;                                                       \
+    _Pragma("omp parallel for schedule(dynamic, 32) num_threads(threads) if(threads > 1)") \
+    for (long b = 0; b < nblk; b++) {                                                      \
+      const CT *c = codes + b * D * BLK;                                                   \
+      __m512 acc = _mm512_setzero_ps();                                                    \
+      for (long g = 0; g < D; g++)                                                         \
+        acc = _mm512_add_ps(acc, _mm512_i32gather_ps(LOAD_IDX_##CT(c + g * BLK),          \
+                                                     T + g * K, 4));                       \
+      long v0 = b * BLK;                                                                   \
+      if (V - v0 >= BLK) {                                                                 \
+        _mm512_storeu_ps(out + v0, acc);                                                   \
+      } else {                                                                             \
+        float tmp[BLK];                                                                    \
+        _mm512_storeu_ps(tmp, acc);                                                        \
+        for (long j = 0; j < V - v0; j++) out[v0 + j] = tmp[j];                            \
+      }                                                                                    \
+    }                                                                                      \
+    return 1;                                                                              \
+  }
+#else
+#define DEFINE_ONE_TOKEN(NAME, CT)                                                         \
+  static int NAME(const float *T, const CT *codes, float *out, long V, long D, long K,     \
+                  int threads) {                                                           \
+    (void)T; (void)codes; (void)out; (void)V; (void)D; (void)K; (void)threads;             \
+    return 0;                                                                              \
+  }
+#endif
 
 #define DEFINE_BLOCK(NAME, CT)                                                             \
   static inline __attribute__((always_inline)) void NAME(                                \
@@ -37,8 +78,10 @@
 
 #define DEFINE_KERNEL(NAME, CT)                                                            \
   DEFINE_BLOCK(NAME##_block, CT)                                                           \
+  DEFINE_ONE_TOKEN(NAME##_one_token, CT)                                                   \
   void NAME(const float *T, const CT *codes, float *out, long V, long D, long K, long M,   \
             int threads) {                                                                 \
+    if (M == 1 && NAME##_one_token(T, codes, out, V, D, K, threads)) return;               \
     long nblk = (V + BLK - 1) / BLK;                                                       \
     _Pragma("omp parallel for schedule(dynamic, 32) num_threads(threads) if(threads > 1)") \
     for (long b = 0; b < nblk; b++) {                                                      \
@@ -70,4 +113,4 @@ DEFINE_KERNEL(compemb_dpq_logits_u8, uint8_t)
 DEFINE_KERNEL(compemb_dpq_logits_u16, uint16_t)
 DEFINE_KERNEL(compemb_dpq_logits_i32, int32_t)
 
-int compemb_dpq_kernel_version(void) { return 1; }
+int compemb_dpq_kernel_version(void) { return 2; }
