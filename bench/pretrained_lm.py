@@ -60,10 +60,13 @@ RATIOS = (4, 10, 16, 32)
 RTN_BITS = (8, 4, 3, 2)
 #: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
 #: token, or ``random-``: from a random first token), alone or after PTB train.
-SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled")
+SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled", "openers-sampled",
+           "ptb+openers-sampled")
 SOURCE_LABELS = {"sampled": "sampled (BOS starts)", "ptb+sampled": "PTB + sampled (BOS starts)",
                  "random-sampled": "sampled (random starts)",
-                 "ptb+random-sampled": "PTB + sampled (random starts)", "ptb": "PTB"}
+                 "ptb+random-sampled": "PTB + sampled (random starts)",
+                 "openers-sampled": "sampled (random starts + openers)",
+                 "ptb+openers-sampled": "PTB + sampled (random starts + openers)", "ptb": "PTB"}
 
 
 # ------------------------------------------------------------------------------ models
@@ -216,7 +219,8 @@ def run_causal(args) -> None:
 
     import compemb
     import compemb_hf
-    from compemb_hf.calibration import CalibrationSource, sample_tokens, sources_from_texts
+    from compemb_hf.calibration import (CalibrationSource, opener_prompts, sample_tokens,
+                                        sources_from_texts)
 
     torch.manual_seed(0)
     path = smollm2_dir()
@@ -243,9 +247,11 @@ def run_causal(args) -> None:
     sources: Dict[str, list] = {}
 
     def sampled(start: str) -> list:
-        """Text sampled from the dense model from its BOS token (``bos``) or from a random
-        first token (``random``), drawn once per run (kept in ``--samples-cache`` if given,
-        with the seconds it took, so later runs report the same cost)."""
+        """Text sampled from the dense model from its BOS token (``bos``), from a random
+        first token (``random``) or half from random tokens and half from the library's
+        openers (``openers``, the default of ``compress_pretrained``), drawn once per run
+        (kept in ``--samples-cache`` if given, with the seconds it took, so later runs
+        report the same cost)."""
         key = f"sampled:{start}"
         if key in sources:
             return sources[key]
@@ -257,8 +263,10 @@ def run_causal(args) -> None:
         else:
             t = time.monotonic()
             windows = sample_tokens(dense, args.sample, seed=args.seed, progress=False,
-                                    random_start=start == "random",
-                                    exclude_tokens=tokenizer.all_special_ids).windows
+                                    random_start=start in ("random", "openers"),
+                                    exclude_tokens=tokenizer.all_special_ids,
+                                    prompts=opener_prompts(tokenizer) if start == "openers"
+                                    else ()).windows
             secs = time.monotonic() - t
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +277,12 @@ def run_causal(args) -> None:
 
     def calibration_sources(name: str) -> tuple:
         """``(sources, seconds of sampling)`` for a row's source name: ``sampled`` (from
-        BOS), ``random-sampled`` (random first tokens), each alone or after ``ptb+``."""
+        BOS), ``random-sampled`` (random first tokens), ``openers-sampled`` (random first
+        tokens and openers), each alone or after ``ptb+``."""
         if name not in SOURCES:
             raise ValueError(f"unknown calibration source {name!r}; one of {', '.join(SOURCES)}")
-        start = "random" if name.endswith("random-sampled") else "bos"
+        start = ("random" if name.endswith("random-sampled") else
+                 "openers" if name.endswith("openers-sampled") else "bos")
         chosen = list(sampled(start))
         if name.startswith("ptb+"):
             chosen = sources_from_texts(tokenizer, {"ptb": texts["ptb"]["calib"]}) + chosen
@@ -531,7 +541,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
     parser.add_argument("--rows", nargs="*", help="rtn:BITS:row|g32 and METHOD:RATIO:SOURCE:MINUTES "
-                        "(SOURCE: sampled, ptb+sampled, random-sampled or ptb+random-sampled, minilm: ptb; MINUTES 0: no "
+                        "(SOURCE: sampled, random-sampled or openers-sampled, each also after ptb+; minilm: ptb; MINUTES 0: no "
                         "distillation); default: every row, the most telling first")
     parser.add_argument("--calibration-minutes", type=float, default=10.0,
                         help="budget of the calibrated rows (SmolLM2; MiniLM rows name theirs)")

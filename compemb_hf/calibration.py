@@ -20,7 +20,7 @@ from compemb.fit import SecondMoment, count_tokens, relative_adam
 
 __all__ = ["CalibrationSource", "read_sources", "sources_from_texts", "sample_tokens",
            "can_sample", "collect_statistics", "calibrate", "CalibrationResult",
-           "DEFAULT_SEQ_LEN", "DEFAULT_SAMPLE_TOKENS"]
+           "DEFAULT_SEQ_LEN", "DEFAULT_SAMPLE_TOKENS", "SAMPLE_OPENERS", "opener_prompts"]
 
 #: Tokens per calibration window.
 DEFAULT_SEQ_LEN = 128
@@ -28,6 +28,21 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_SAMPLE_TOKENS = 8192
 #: Sequences generated at once when sampling.
 SAMPLE_BATCH = 8
+#: Openings of the sampled windows that do not start from a random token: a model's own
+#: samples from a random token are nearly all prose, so the calibration saw no code,
+#: markup or formal text and the compressed head fell behind there. Each opener starts
+#: windows in turn (:func:`sample_tokens`, ``prompts``): program code in several languages,
+#: markup and data, formal and legal prose, questions, letters, mathematics, another
+#: language. Measured on SmolLM2 at DPQ 10x (PTB plus 8,192 sampled tokens, head KL on
+#: evaluation files no calibration source shares, PTB / Python / legal): random starts only
+#: 0.039 / 0.108 / 0.084, half the windows from these openers 0.039 / 0.090 / 0.076.
+SAMPLE_OPENERS = ("def ", "import numpy as np\n", "#include <stdio.h>\n", "public static void ",
+                  "function ", "SELECT * FROM ", "<html>\n<head>", "{\"name\": ",
+                  "## Installation\n", "| Name | ", "Section 2. Definitions.\n",
+                  "Terms of Service\n\n", "Q: ", "Dear Sir or Madam,\n", "Theorem 1. Let ",
+                  "Il était une fois ")
+#: Share of the sampled windows that begin with an opener when openers are given.
+OPENER_SHARE = 0.5
 #: Parameters of the compressed layers that calibration leaves as fitted: the ``d x d``
 #: transform of a :class:`compemb.fit.FittedEmbedding` couples every row (Adam's step
 #: moves all ``d*d`` entries at once, a large random change of the whole table).
@@ -139,6 +154,7 @@ def can_sample(model: nn.Module) -> bool:
 def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_SEQ_LEN,
                   batch_size: int = SAMPLE_BATCH, seed: int = 0, start_token: Optional[int] = None,
                   random_start: bool = False, exclude_tokens: Sequence[int] = (),
+                  prompts: Sequence[Sequence[int]] = (), prompt_share: float = OPENER_SHARE,
                   progress: bool = True, deadline: Optional[float] = None) -> CalibrationSource:
     """About ``num_tokens`` tokens sampled from ``model`` itself (temperature 1, no top-k),
     as ``ceil(num_tokens / seq_len)`` windows of ``seq_len``, generated ``batch_size`` at a
@@ -153,8 +169,13 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
     window somewhere else (code, other languages, lists), so that statistics from it cover
     more of what users will feed the model (measured on SmolLM2, DPQ 10x: perplexity
     0.5 to 1.2 points closer to dense out of domain, the same in domain; README).
+    ``prompts``: token ids (e.g. :func:`opener_prompts` of :data:`SAMPLE_OPENERS`; each cut
+    to at most half a window) that begin ``prompt_share`` of the windows, each prompt in
+    turn, the model writing the rest; batches of prompted windows alternate with the
+    others, so an early stop keeps both.
     ``deadline`` (``time.monotonic()`` value): stop early, keeping whole windows.
-    ``ValueError`` when ``num_tokens`` is below one window (naming ``seq_len``)."""
+    ``ValueError`` when ``num_tokens`` is below one window (naming ``seq_len``) or a prompt
+    is empty."""
     if not can_sample(model):
         raise ValueError(f"{type(model).__name__} cannot generate text to calibrate on; give "
                          f"calibration text (--calibration-text / texts=...)")
@@ -170,6 +191,13 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
         raise ValueError("the model's config has no bos_token_id or eos_token_id; pass "
                          "start_token=...")
     windows = math.ceil(num_tokens / seq_len)
+    prompts = [[int(t) for t in p][:max(1, seq_len // 2)] for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompts[{i}] is empty; give token ids (at least one)")
+    if prompts and not 0 < prompt_share <= 1:
+        raise ValueError(f"prompt_share must be in (0, 1], got {prompt_share!r}")
+    prompted = min(windows, max(1, round(windows * prompt_share))) if prompts else 0
     device = next(model.parameters()).device
     allowed = None
     if random_start:
@@ -192,14 +220,16 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             done = 0
-            while done < windows:
+            for n, p in _sampling_schedule(windows, prompted, prompts, batch_size):
                 if deadline is not None and time.monotonic() > deadline and out:
                     break
-                n = min(batch_size, windows - done)
-                prompt = torch.full((n, 1), int(start), dtype=torch.long)
-                if allowed is not None:
-                    first = allowed[torch.randint(len(allowed), (n, 1))]
-                    prompt = torch.cat([prompt, first], dim=1)
+                if p is not None:
+                    prompt = torch.tensor([[int(start)] + p] * n, dtype=torch.long)
+                else:
+                    prompt = torch.full((n, 1), int(start), dtype=torch.long)
+                    if allowed is not None:
+                        first = allowed[torch.randint(len(allowed), (n, 1))]
+                        prompt = torch.cat([prompt, first], dim=1)
                 prompt = prompt.to(device)
                 new = seq_len - (prompt.shape[1] - 1)
                 gen = model.generate(prompt, attention_mask=torch.ones_like(prompt),
@@ -213,6 +243,34 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
         bar.close()
         model.train(was_training)
     return CalibrationSource("sampled", torch.cat(out))
+
+
+def _sampling_schedule(windows: int, prompted: int, prompts: List[List[int]], batch_size: int
+                       ) -> List[Tuple[int, Optional[List[int]]]]:
+    """``[(windows in the batch, its prompt or None)]``: the plain windows in batches, each
+    prompt's share of ``prompted`` windows (round robin) in batches, the two alternating."""
+    plain = windows - prompted
+    plain_batches = [(min(batch_size, plain - k), None) for k in range(0, plain, batch_size)]
+    prompt_batches: List[Tuple[int, Optional[List[int]]]] = []
+    for i, p in enumerate(prompts):
+        count = prompted // len(prompts) + (i < prompted % len(prompts))
+        prompt_batches += [(min(batch_size, count - k), p) for k in range(0, count, batch_size)]
+    schedule: List[Tuple[int, Optional[List[int]]]] = []
+    for k in range(max(len(plain_batches), len(prompt_batches))):
+        schedule += plain_batches[k:k + 1] + prompt_batches[k:k + 1]
+    return schedule
+
+
+def opener_prompts(tokenizer: Any, openers: Optional[Sequence[str]] = None) -> List[List[int]]:
+    """Token ids of each opener (``None``: :data:`SAMPLE_OPENERS`; no special tokens), for
+    :func:`sample_tokens`' ``prompts``; none without a tokenizer."""
+    if tokenizer is None:
+        return []
+    if isinstance(openers, str):
+        raise ValueError("openers must be a sequence of texts, not one string")
+    openers = SAMPLE_OPENERS if openers is None else openers
+    ids = [list(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in openers]
+    return [p for p in ids if p]
 
 
 def _config_ids(config: Any, *names: str) -> List[int]:
@@ -387,7 +445,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
               tokenizer: Any = None, sources: Optional[Sequence[CalibrationSource]] = None,
               sample: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 2,
               lr: float = 1e-3, eval_every: int = 10, seed: int = 0,
-              random_start: bool = True, progress: bool = True) -> CalibrationResult:
+              random_start: bool = True, openers: Optional[Sequence[str]] = None,
+              progress: bool = True) -> CalibrationResult:
     """Train only the compressed tables of ``model`` so that it matches the dense
     ``teacher``: logit KL for language models, hidden states for encoders. In place.
 
@@ -407,6 +466,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
             passes).
         random_start: sampled windows begin with a random token (:func:`sample_tokens`),
             not all with BOS.
+        openers: texts that begin half the sampled windows (default :data:`SAMPLE_OPENERS`;
+            ``()``: none; they need ``tokenizer``).
         lr: Adam learning rate relative to each parameter's RMS (each parameter moves by
             about ``lr`` of its own scale per step).
         eval_every: steps between evaluations on the held-out windows (one per source);
@@ -448,7 +509,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
     if sample:
         srcs.append(sample_tokens(teacher, sample, seq_len=seq_len, seed=seed, progress=progress,
                                   deadline=deadline, random_start=random_start,
-                                  exclude_tokens=special_ids(tokenizer)))
+                                  exclude_tokens=special_ids(tokenizer),
+                                  prompts=opener_prompts(tokenizer, openers)))
     if not srcs:
         raise ValueError(f"{type(teacher).__name__} cannot generate text: give calibration text "
                          f"(--calibration-text FILE, or texts=... with tokenizer=...)")

@@ -2,6 +2,7 @@
 
     compemb compress MODEL_DIR --method dpq|tt --ratio R [--calibration-text FILE_OR_DIR ...]
                      [--calibration-minutes M] [--sample-tokens N] [--sample-start random|bos]
+                     [--no-sample-openers]
                      --out DIR
     compemb compress MODEL_DIR --method tt --rank 16 [--output tied|untied|dense] --out DIR
     compemb compress MODEL_DIR --method dpq --num-codes 32 --num-groups 32 [--export] --out DIR
@@ -144,7 +145,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         sources = sources_from_texts(tokenizer, texts)  # too short for a window: refused now
-    elif args.sample_start == "random":  # its special tokens are not drawn as starts
+    else:  # sampling: special tokens are not drawn as starts, the openers are tokenized
         from transformers import AutoTokenizer
 
         try:
@@ -158,6 +159,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     result = compress_pretrained(
         model, args.method, args.ratio, sources=sources, tokenizer=tokenizer,
         random_start=args.sample_start == "random",
+        openers=() if args.no_sample_openers else None,
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
@@ -281,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sample-start", choices=["random", "bos"], default="random",
                    help="each sampled window starts from a random token (default: text of "
                         "many kinds) or from BOS (the model's favourite genre)")
+    c.add_argument("--no-sample-openers", action="store_true",
+                   help="no sampled window starts from an opener (by default half of them "
+                        "begin with code, markup, formal prose, ...: compemb_hf.calibration."
+                        "SAMPLE_OPENERS)")
     c.add_argument("--head-steps", type=int, default=None,
                    help="steps of the head fit, which tunes the compressed tables to the "
                         "dense head's softmax on the calibration text's head inputs "

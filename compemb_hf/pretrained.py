@@ -31,9 +31,8 @@ from compemb.fit import (DEFAULT_EXACT_SHARE, FitPlan, HeadFit, fit_head, fit_ta
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
-                          calibrate, can_sample, collect_statistics, sample_tokens,
-                          special_ids,
-                          sources_from_texts)
+                          calibrate, can_sample, collect_statistics, opener_prompts,
+                          sample_tokens, special_ids, sources_from_texts)
 from .config import CompressedEmbeddingConfig
 from .surgery import apply_surgery, is_compressed, plan_surgery
 
@@ -75,6 +74,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         exact_share: float = DEFAULT_EXACT_SHARE, row_order: bool = False,
                         prior: Optional[float] = None, cap: Optional[float] = None,
                         seed: int = 0, random_start: bool = True,
+                        openers: Optional[Sequence[str]] = None,
                         head_steps: Optional[int] = None,
                         progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
@@ -100,6 +100,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
         random_start: sampled windows begin with a random token (``tokenizer``'s special
             tokens left out), not all with BOS (:func:`compemb_hf.calibration.sample_tokens`).
+        openers: texts that begin half the sampled windows (default
+            :data:`compemb_hf.calibration.SAMPLE_OPENERS`: code, markup, formal prose, ...;
+            ``()``: none); they need ``tokenizer`` (without one, none are used).
         sources: ready token windows (:class:`compemb_hf.calibration.CalibrationSource`,
             e.g. one sampling shared by several compressions), used beside ``texts`` and
             ``sample``.
@@ -145,7 +148,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     if sample:
         sources.append(sample_tokens(model, sample, seq_len=seq_len, seed=seed, progress=progress,
                                      deadline=deadline, random_start=random_start,
-                                     exclude_tokens=special_ids(tokenizer)))
+                                     exclude_tokens=special_ids(tokenizer),
+                                     prompts=opener_prompts(tokenizer, openers)))
     seconds["sampling"] = time.monotonic() - t
     t = time.monotonic()
     head_inputs: list = []

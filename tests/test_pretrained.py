@@ -320,11 +320,14 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
         return sample_tokens(model, num_tokens, **kw)
 
     monkeypatch.setattr(pretrained, "sample_tokens", spy)
-    for extra, out in (([], "random"), (["--sample-start", "bos"], "bos")):
+    for extra, out in (([], "random"), (["--sample-start", "bos"], "bos"),
+                       (["--no-sample-openers"], "no-openers")):
         assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                     "256", "--quiet", "--out", str(tmp_path / out)] + extra) == 0
-    assert [kw["random_start"] for kw in seen] == [True, False]
+    assert [kw["random_start"] for kw in seen] == [True, False, True]
     assert set(tokenizer.all_special_ids) <= set(seen[0]["exclude_tokens"])
+    # the openers begin half the windows unless asked not to
+    assert seen[0]["prompts"] and seen[1]["prompts"] and seen[2]["prompts"] == []
 
 
 def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
@@ -414,3 +417,43 @@ def test_an_encoder_gets_no_transform_and_exactly_the_planned_bytes(tokenizer):
     table = bert.get_input_embeddings()
     assert table.transform is None and table.logit_bias is None and result.output == "none"
     assert compemb.compression_report(bert).embedding_stored_bytes == result.plan.stored_bytes
+
+
+def test_sampling_from_openers_starts_its_share_of_windows_with_each_prompt(lm):
+    from compemb_hf.calibration import _sampling_schedule
+
+    prompts = [[10, 11, 12], [20], [30, 31] * 20]  # the last is cut to half a window (8)
+    a = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True,
+                      prompts=prompts)
+    b = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True,
+                      prompts=prompts)
+    assert a.windows.shape == (12, 16) and torch.equal(a.windows, b.windows)
+    starts = {tuple(p[:8]): 0 for p in prompts}
+    for w in a.windows.tolist():
+        for p in starts:
+            starts[p] += w[:len(p)] == list(p)
+    assert list(starts.values()) == [2, 2, 2]  # half the windows, each prompt in turn
+    # prompted and plain batches alternate, and every window is scheduled once
+    schedule = _sampling_schedule(12, 6, prompts, 4)
+    assert sum(n for n, _ in schedule) == 12
+    assert [p is None for _, p in schedule][:2] == [True, False]
+    # no prompts: the windows are what they were before prompts existed
+    plain = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True)
+    again = sample_tokens(lm, 16 * 12, seq_len=16, seed=3, progress=False, random_start=True,
+                          prompts=())
+    assert torch.equal(plain.windows, again.windows)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        sample_tokens(lm, 16, seq_len=16, progress=False, prompts=[[5], []])
+    with pytest.raises(ValueError, match="prompt_share"):
+        sample_tokens(lm, 16, seq_len=16, progress=False, prompts=[[5]], prompt_share=0)
+
+
+def test_opener_prompts(tokenizer):
+    from compemb_hf.calibration import SAMPLE_OPENERS, opener_prompts
+
+    ids = opener_prompts(tokenizer)
+    assert len(ids) == len(SAMPLE_OPENERS) and ids[0] == tokenizer("def ", add_special_tokens=False)["input_ids"]
+    assert opener_prompts(tokenizer, ["x", ""]) == [tokenizer("x", add_special_tokens=False)["input_ids"]]
+    assert opener_prompts(None) == []
+    with pytest.raises(ValueError, match="sequence of texts"):
+        opener_prompts(tokenizer, "def ")
