@@ -28,14 +28,16 @@ DEFAULT_SEQ_LEN = 128
 DEFAULT_SAMPLE_TOKENS = 8192
 #: Sequences generated at once when sampling.
 SAMPLE_BATCH = 8
-#: Openings of the sampled windows that do not start from a random token: a model's own
-#: samples from a random token are nearly all prose, so the calibration saw no code,
-#: markup or formal text and the compressed head fell behind there. Each opener starts
-#: windows in turn (:func:`sample_tokens`, ``prompts``): program code in several languages,
+#: Openings for sampled windows (:func:`sample_tokens`, ``prompts``; opt-in through
+#: ``openers=SAMPLE_OPENERS`` or ``--sample-openers``): program code in several languages,
 #: markup and data, formal and legal prose, questions, letters, mathematics, another
-#: language. Measured on SmolLM2 at DPQ 10x (PTB plus 8,192 sampled tokens, head KL on
-#: evaluation files no calibration source shares, PTB / Python / legal): random starts only
-#: 0.039 / 0.108 / 0.084, half the windows from these openers 0.039 / 0.090 / 0.076.
+#: language. Samples from a random first token read back as English prose; these lead the
+#: model into code and formal text. Measured on SmolLM2 at DPQ 10x (PTB / Python / legal
+#: evaluation files, which no calibration source shares), half the windows from these:
+#: the head's KL after the head fit 0.039 / 0.108 / 0.084 -> 0.039 / 0.090 / 0.076 (PTB
+#: text + samples), but perplexity +5.5 / +13.3 / +14.0% -> +5.3 / +14.9 / +14.2% (PTB
+#: text + samples) and +10.8 / +13.2 / +15.5% -> +11.7 / +11.4 / +16.6% (samples only):
+#: no consistent gain, and sampling took 238 s instead of 168 s, so they are not the default.
 SAMPLE_OPENERS = ("def ", "import numpy as np\n", "#include <stdio.h>\n", "public static void ",
                   "function ", "SELECT * FROM ", "<html>\n<head>", "{\"name\": ",
                   "## Installation\n", "| Name | ", "Section 2. Definitions.\n",
@@ -261,14 +263,13 @@ def _sampling_schedule(windows: int, prompted: int, prompts: List[List[int]], ba
     return schedule
 
 
-def opener_prompts(tokenizer: Any, openers: Optional[Sequence[str]] = None) -> List[List[int]]:
-    """Token ids of each opener (``None``: :data:`SAMPLE_OPENERS`; no special tokens), for
-    :func:`sample_tokens`' ``prompts``; none without a tokenizer."""
+def opener_prompts(tokenizer: Any, openers: Sequence[str] = SAMPLE_OPENERS) -> List[List[int]]:
+    """Token ids of each opener (no special tokens), for :func:`sample_tokens`'
+    ``prompts``; none without a tokenizer."""
     if tokenizer is None:
         return []
     if isinstance(openers, str):
         raise ValueError("openers must be a sequence of texts, not one string")
-    openers = SAMPLE_OPENERS if openers is None else openers
     ids = [list(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in openers]
     return [p for p in ids if p]
 
@@ -445,7 +446,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
               tokenizer: Any = None, sources: Optional[Sequence[CalibrationSource]] = None,
               sample: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 2,
               lr: float = 1e-3, eval_every: int = 10, seed: int = 0,
-              random_start: bool = True, openers: Optional[Sequence[str]] = None,
+              random_start: bool = True, openers: Sequence[str] = (),
               progress: bool = True) -> CalibrationResult:
     """Train only the compressed tables of ``model`` so that it matches the dense
     ``teacher``: logit KL for language models, hidden states for encoders. In place.
@@ -466,8 +467,8 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
             passes).
         random_start: sampled windows begin with a random token (:func:`sample_tokens`),
             not all with BOS.
-        openers: texts that begin half the sampled windows (default :data:`SAMPLE_OPENERS`;
-            ``()``: none; they need ``tokenizer``).
+        openers: texts that begin half the sampled windows (e.g. :data:`SAMPLE_OPENERS`;
+            default none; they need ``tokenizer``).
         lr: Adam learning rate relative to each parameter's RMS (each parameter moves by
             about ``lr`` of its own scale per step).
         eval_every: steps between evaluations on the held-out windows (one per source);

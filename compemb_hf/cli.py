@@ -2,7 +2,7 @@
 
     compemb compress MODEL_DIR --method dpq|tt --ratio R [--calibration-text FILE_OR_DIR ...]
                      [--calibration-minutes M] [--sample-tokens N] [--sample-start random|bos]
-                     [--no-sample-openers]
+                     [--sample-openers]
                      --out DIR
     compemb compress MODEL_DIR --method tt --rank 16 [--output tied|untied|dense] --out DIR
     compemb compress MODEL_DIR --method dpq --num-codes 32 --num-groups 32 [--export] --out DIR
@@ -115,7 +115,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     import compemb
     from compemb.fit import plan_fit
 
-    from .calibration import can_sample, read_sources, sources_from_texts
+    from .calibration import SAMPLE_OPENERS, can_sample, read_sources, sources_from_texts
     from .pretrained import compress_pretrained
 
     if args.method not in ("dpq", "tt", "tr"):
@@ -159,7 +159,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     result = compress_pretrained(
         model, args.method, args.ratio, sources=sources, tokenizer=tokenizer,
         random_start=args.sample_start == "random",
-        openers=() if args.no_sample_openers else None,
+        openers=SAMPLE_OPENERS if args.sample_openers else (),
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
@@ -283,10 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sample-start", choices=["random", "bos"], default="random",
                    help="each sampled window starts from a random token (default: text of "
                         "many kinds) or from BOS (the model's favourite genre)")
-    c.add_argument("--no-sample-openers", action="store_true",
-                   help="no sampled window starts from an opener (by default half of them "
-                        "begin with code, markup, formal prose, ...: compemb_hf.calibration."
-                        "SAMPLE_OPENERS)")
+    c.add_argument("--sample-openers", action="store_true",
+                   help="half the sampled windows begin with an opener (code, markup, formal "
+                        "prose, ...: compemb_hf.calibration.SAMPLE_OPENERS)")
     c.add_argument("--head-steps", type=int, default=None,
                    help="steps of the head fit, which tunes the compressed tables to the "
                         "dense head's softmax on the calibration text's head inputs "

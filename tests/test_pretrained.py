@@ -321,13 +321,13 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
 
     monkeypatch.setattr(pretrained, "sample_tokens", spy)
     for extra, out in (([], "random"), (["--sample-start", "bos"], "bos"),
-                       (["--no-sample-openers"], "no-openers")):
+                       (["--sample-openers"], "openers")):
         assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                     "256", "--quiet", "--out", str(tmp_path / out)] + extra) == 0
     assert [kw["random_start"] for kw in seen] == [True, False, True]
     assert set(tokenizer.all_special_ids) <= set(seen[0]["exclude_tokens"])
-    # the openers begin half the windows unless asked not to
-    assert seen[0]["prompts"] and seen[1]["prompts"] and seen[2]["prompts"] == []
+    # the openers begin half the windows when asked for
+    assert seen[0]["prompts"] == [] and seen[1]["prompts"] == [] and seen[2]["prompts"]
 
 
 def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
