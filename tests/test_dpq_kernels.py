@@ -25,7 +25,7 @@ def _case(V, D, Kc, s, shared=False, seed=0):
 @pytest.mark.parametrize("V,D,Kc,s,shared", [
     (1, 1, 2, 1, False), (37, 5, 7, 3, False), (50, 4, 256, 2, True), (129, 3, 300, 2, False),
     (33, 2, 40000, 1, False), (1000, 16, 256, 4, False)])
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 9, 17])
 def test_every_path_equals_the_dense_product(V, D, Kc, s, shared, M):
     codes, values, table = _case(V, D, Kc, s, shared)
     hidden = torch.randn(M, D * s, generator=torch.Generator().manual_seed(1))
@@ -43,14 +43,16 @@ def test_every_path_equals_the_dense_product(V, D, Kc, s, shared, M):
 @pytest.mark.parametrize("Kc", [256, 300, 40000])  # uint8, int16 and int32 codes
 def test_native_one_token_path_adds_in_the_same_order(Kc):
     """One token takes the kernel's one-token path (a 16-lane gather per group on AVX-512);
-    it adds the groups in the same order as the several-token path: equal bits."""
+    it adds the groups in the same order as the paths for several tokens: equal bits."""
     codes, values, _ = _case(2053, 24, Kc, 2)
     blocked = K.block_codes(codes, Kc)
     hidden = torch.randn(1, 48, generator=torch.Generator().manual_seed(3))
     one = K.logits_from_blocked(hidden, values, blocked, 2053, impl="native")
-    two = K.logits_from_blocked(hidden.expand(2, -1).contiguous(), values, blocked, 2053,
-                                impl="native")
-    assert torch.equal(one[0], two[0]) and torch.equal(one[0], two[1])
+    # and so do the blocks of 2, 4 and 8 tokens (sums kept in vector registers)
+    for m in (2, 4, 8, 7):
+        many = K.logits_from_blocked(hidden.expand(m, -1).contiguous(), values, blocked, 2053,
+                                     impl="native")
+        assert all(torch.equal(one[0], row) for row in many), m
 
 
 @needs_native

@@ -18,9 +18,12 @@
  * One token (M == 1, a decode step at batch 1) on a CPU with AVX-512: a block's 16 codes of
  * a group are one 16-lane gather from T (same order of additions, so the same numbers;
  * 3.4 -> 2.8 ms at V=49152, D=144, K=256 on one thread of the development machine).
+ * Blocks of 4 or 8 tokens keep the block's 16 x W sums in 16 vector registers (SSE /
+ * AVX) instead of a stack array the compiler reloads for every code; same order of
+ * additions. 8 tokens at V=49152, D=144: 17.6 -> 4.0 ms (one thread).
  */
 #include <stdint.h>
-#ifdef __AVX512F__
+#if defined(__SSE__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -76,8 +79,44 @@
     }                                                                                      \
   }
 
+/* The block of DEFINE_BLOCK for one width W with the 16 sums in registers of type VT. */
+#define DEFINE_BLOCK_VEC(NAME, CT, VT, W, ZERO, LOAD, ADD, STORE)                          \
+  static inline __attribute__((always_inline)) void NAME(                                \
+      const float *restrict T, const CT *restrict c, long D, long K, long M, long m0,      \
+      float *restrict acc) {                                                               \
+    VT a[BLK];                                                                             \
+    for (int j = 0; j < BLK; j++) a[j] = ZERO();                                           \
+    for (long g = 0; g < D; g++) {                                                         \
+      const float *restrict Tg = T + (g * K) * M + m0;                                     \
+      const CT *restrict cg = c + g * BLK;                                                 \
+      _Pragma("GCC unroll 16")                                                             \
+      for (int j = 0; j < BLK; j++) a[j] = ADD(a[j], LOAD(Tg + (long)cg[j] * M));          \
+    }                                                                                      \
+    for (int j = 0; j < BLK; j++) STORE(acc + j * W, a[j]);                                \
+  }
+
+#ifdef __SSE__
+#define DEFINE_BLOCK4(NAME, CT) \
+  DEFINE_BLOCK_VEC(NAME, CT, __m128, 4, _mm_setzero_ps, _mm_loadu_ps, _mm_add_ps, _mm_storeu_ps)
+#define BLOCK4(NAME, T, c, D, K, M, m0, acc) NAME##_block4(T, c, D, K, M, m0, acc)
+#else
+#define DEFINE_BLOCK4(NAME, CT)
+#define BLOCK4(NAME, T, c, D, K, M, m0, acc) NAME##_block(T, c, D, K, M, m0, 4, acc)
+#endif
+#ifdef __AVX__
+#define DEFINE_BLOCK8(NAME, CT) \
+  DEFINE_BLOCK_VEC(NAME, CT, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_add_ps, \
+                   _mm256_storeu_ps)
+#define BLOCK8(NAME, T, c, D, K, M, m0, acc) NAME##_block8(T, c, D, K, M, m0, acc)
+#else
+#define DEFINE_BLOCK8(NAME, CT)
+#define BLOCK8(NAME, T, c, D, K, M, m0, acc) NAME##_block(T, c, D, K, M, m0, 8, acc)
+#endif
+
 #define DEFINE_KERNEL(NAME, CT)                                                            \
   DEFINE_BLOCK(NAME##_block, CT)                                                           \
+  DEFINE_BLOCK4(NAME##_block4, CT)                                                         \
+  DEFINE_BLOCK8(NAME##_block8, CT)                                                         \
   DEFINE_ONE_TOKEN(NAME##_one_token, CT)                                                   \
   void NAME(const float *T, const CT *codes, float *out, long V, long D, long K, long M,   \
             int threads) {                                                                 \
@@ -95,8 +134,8 @@
         int W = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;      \
         switch (W) {                                                                       \
           case 16: NAME##_block(T, c, D, K, M, m0, 16, acc); break;                        \
-          case 8: NAME##_block(T, c, D, K, M, m0, 8, acc); break;                          \
-          case 4: NAME##_block(T, c, D, K, M, m0, 4, acc); break;                          \
+          case 8: BLOCK8(NAME, T, c, D, K, M, m0, acc); break;                             \
+          case 4: BLOCK4(NAME, T, c, D, K, M, m0, acc); break;                             \
           case 2: NAME##_block(T, c, D, K, M, m0, 2, acc); break;                          \
           default: NAME##_block(T, c, D, K, M, m0, 1, acc); break;                         \
         }                                                                                  \
@@ -113,4 +152,4 @@ DEFINE_KERNEL(compemb_dpq_logits_u8, uint8_t)
 DEFINE_KERNEL(compemb_dpq_logits_u16, uint16_t)
 DEFINE_KERNEL(compemb_dpq_logits_i32, int32_t)
 
-int compemb_dpq_kernel_version(void) { return 2; }
+int compemb_dpq_kernel_version(void) { return 3; }
