@@ -131,7 +131,7 @@ def test_both_contraction_orders_equal_the_table(cls, shape, order, monkeypatch)
     prefix = ttm.logits_prefix(cores)
     # a chunk of 2 hidden states for the hidden-first order: 5 states run as 2 + 2 + 1
     monkeypatch.setattr(ttm, "HIDDEN_FIRST_CHUNK", 2 * prefix.shape[0] * prefix.shape[2] * cols[-1])
-    for b in (1, 5):
+    for b in (0, 1, 5):
         h = torch.randn(b, table.shape[1], dtype=torch.float64)
         torch.testing.assert_close(ttm.logits_through_cores(cores, h, 301, prefix=prefix), h @ table.T)
         torch.testing.assert_close(ttm.logits_through_cores(cores, h, 301), h @ table.T)

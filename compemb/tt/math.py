@@ -485,7 +485,8 @@ def logits_prefix(cores: Sequence[Tensor]) -> Tensor:
     ``[I1*..*I_{N-1}, J1*..*J_{N-1}, R*R0]`` (what :func:`logits_through_cores` contracts the
     hidden states with; independent of them, so an inference caller can keep it). The bond
     index is last so that the hidden-first contraction is one batched GEMM with no copy."""
-    return _close_prefix(_all_prefixes(cores, len(cores) - 1), cores[0].shape[0]).transpose(1, 2).contiguous()
+    prefix = _close_prefix(_all_prefixes(cores, len(cores) - 1), cores[0].shape[0])
+    return prefix.transpose(1, 2).contiguous()
 
 
 def rows_from_prefix(cores: Sequence[Tensor], prefix: Tensor, ids: Tensor) -> Tensor:
@@ -494,7 +495,8 @@ def rows_from_prefix(cores: Sequence[Tensor], prefix: Tensor, ids: Tensor) -> Te
     each operand), the cheapest lookup of a few rows when the prefixes are at hand."""
     last = _last_operand(cores[-1], cores[0].shape[0])  # [IN, JN, K]
     i_n = last.shape[0]
-    rows = torch.bmm(last.index_select(0, ids % i_n), prefix.index_select(0, ids // i_n).transpose(1, 2))
+    rows = torch.bmm(last.index_select(0, ids % i_n),
+                     prefix.index_select(0, ids // i_n).transpose(1, 2))
     return rows.reshape(ids.shape[0], -1)
 
 
@@ -541,12 +543,13 @@ def logits_through_cores(cores: Sequence[Tensor], hidden: Tensor, num_embeddings
         # in chunks of hidden states that keep Q (P*JN*K numbers each) near the cache
         step = max(1, HIDDEN_FIRST_CHUNK // (n_pre * j_n * k_dim))
         outs = []
-        for s in range(0, b, step):
+        for s in range(0, max(b, 1), step):  # an empty batch: one empty chunk
             hs = hidden[s:s + step]
             c = hs.shape[0]
             q = torch.matmul(hs.reshape(c * j_n, j_rest), prefix)  # [P, c*JN, K]
             out = q.view(n_pre * c, j_n * k_dim) @ last.reshape(i_n, j_n * k_dim).t()  # [P*c, IN]
-            outs.append(out.view(n_pre, c, i_n).transpose(0, 1).reshape(c, n_pre * i_n)[:, :num_embeddings])
+            out = out.view(n_pre, c, i_n).transpose(0, 1).reshape(c, n_pre * i_n)
+            outs.append(out[:, :num_embeddings])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     h = hidden.reshape(b, j_n, j_rest)
     # t[b, iN, K, J'] = sum_jN last[iN, jN, K] * h[b, jN, J'], then laid out as [b, iN, J', K]
