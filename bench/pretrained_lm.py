@@ -59,7 +59,9 @@ EVAL_TOKENS = 16384
 RATIOS = (4, 10, 16, 32)
 RTN_BITS = (8, 4, 3, 2)
 #: Calibration sources of the causal LM's rows: text sampled from the model (from its BOS
-#: token, or ``random-``: from a random first token), alone or after PTB train.
+#: token, ``random-``: from a random first token, ``openers-``: half of the windows from
+#: ``compemb_hf.calibration.SAMPLE_OPENERS``, the rest from random tokens), alone or after
+#: PTB train.
 SOURCES = ("sampled", "ptb+sampled", "random-sampled", "ptb+random-sampled", "openers-sampled",
            "ptb+openers-sampled")
 SOURCE_LABELS = {"sampled": "sampled (BOS starts)", "ptb+sampled": "PTB + sampled (BOS starts)",
@@ -249,7 +251,8 @@ def run_causal(args) -> None:
     def sampled(start: str) -> list:
         """Text sampled from the dense model from its BOS token (``bos``), from a random
         first token (``random``) or half from random tokens and half from the library's
-        openers (``openers``, the default of ``compress_pretrained``), drawn once per run
+        openers (``openers``, what ``compress_pretrained(openers=SAMPLE_OPENERS)`` and
+        ``--sample-openers`` do), drawn once per run
         (kept in ``--samples-cache`` if given, with the seconds it took, so later runs
         report the same cost)."""
         key = f"sampled:{start}"

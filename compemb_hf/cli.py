@@ -152,6 +152,9 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         except (OSError, ValueError):  # a folder without tokenizer files
             tokenizer = None
+    if args.sample_openers and tokenizer is None:
+        raise ValueError(f"--sample-openers needs a tokenizer in {args.model_dir} (save it "
+                         f"there with tokenizer.save_pretrained), or leave the flag out")
     model = _load(args.model_dir)
     if texts is None and not can_sample(model):
         raise ValueError(f"{type(model).__name__} cannot generate text to calibrate on: give "

@@ -457,3 +457,16 @@ def test_opener_prompts(tokenizer):
     assert opener_prompts(None) == []
     with pytest.raises(ValueError, match="sequence of texts"):
         opener_prompts(tokenizer, "def ")
+
+
+def test_cli_sample_openers_without_a_tokenizer_is_refused(tmp_path, capsys, monkeypatch):
+    import compemb_hf.cli as cli_module
+
+    loads = []
+    monkeypatch.setattr(cli_module, "_load", lambda d: loads.append(d))
+    tiny_lm(200).save_pretrained(tmp_path / "dense")  # no tokenizer files
+    assert cli(["compress", str(tmp_path / "dense"), "--method", "dpq", "--ratio", "3",
+                "--sample-tokens", "256", "--sample-openers", "--quiet",
+                "--out", str(tmp_path / "o")]) == 2
+    assert "--sample-openers needs a tokenizer" in capsys.readouterr().err
+    assert loads == [] and not (tmp_path / "o").exists()  # refused before any work
