@@ -69,7 +69,7 @@ def test_greedy_generate_equals_the_dense_reference(name, monkeypatch):
     else:
         layer = next(iter(compemb_hf.compressed_layers(model).values()))
         monkeypatch.setattr(type(layer), "materialize", _no_table)
-        monkeypatch.setattr(type(layer), "_table_for_logits", _no_table)
+        monkeypatch.setattr(type(layer), "_logits_through_table", _no_table)
         inner = type(layer)._logits_through_cores
 
         def spy(self, flat, cached=False):

@@ -35,6 +35,31 @@ def test_no_grad_logits_equal_the_dense_product(cls, batch):
 
 
 @pytest.mark.parametrize("cls", [TTEmbedding, TREmbedding])
+@pytest.mark.parametrize("chunk", [1, 37, 6 * 30, 10**6])
+def test_table_built_in_chunks_equals_the_dense_product(cls, chunk, monkeypatch):
+    """The large-batch inference path builds the table a chunk of prefixes at a time (one row
+    block, several, a last block cut at V=301 of 336, the whole table at once) and writes each
+    block's products into its columns; float32 output from float64 cores when asked."""
+    monkeypatch.setattr(ttm, "TABLE_CHUNK", chunk)
+    layer = _layer(cls)
+    cores = [c.detach() for c in layer.cores]
+    table = ttm.full_table(cores, 301)
+    for b in (0, 1, 7, 300):
+        h = torch.randn(b, 30, dtype=torch.float64)
+        out = ttm.logits_through_table(cores, h, 301)
+        assert out.shape == (b, 301) and out.is_contiguous()
+        torch.testing.assert_close(out, h @ table.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            ttm.logits_through_table(cores, h, 301, prefix=ttm.logits_prefix(cores),
+                                     dtype=torch.float32), (h @ table.T).float())
+    with torch.no_grad():  # the layer takes this path for a large batch, padding column zero
+        h = torch.randn(2000, 30, dtype=torch.float64)
+        out = layer.logits(h)
+    torch.testing.assert_close(out, h @ layer.materialize().T, rtol=1e-10, atol=1e-10)
+    assert (out[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("cls", [TTEmbedding, TREmbedding])
 def test_kept_prefixes_follow_changed_cores(cls):
     layer = _layer(cls)
     hidden = torch.randn(2, 30, dtype=torch.float64)
@@ -73,8 +98,9 @@ def test_path_choice_at_decode_and_at_large_batches(monkeypatch):
     monkeypatch.setattr(type(layer), "_logits_through_cores",
                         lambda self, flat, cached=False: calls.append(("through", cached))
                         or torch.zeros(flat.shape[0], 49152))
-    monkeypatch.setattr(type(layer), "_table_for_logits",
-                        lambda self: calls.append(("table", True)) or torch.zeros(49152, 576))
+    monkeypatch.setattr(type(layer), "_logits_through_table",
+                        lambda self, flat: calls.append(("table", True))
+                        or torch.zeros(flat.shape[0], 49152))
     with torch.no_grad():
         for b in (1, 8, 1024):
             layer.logits(torch.zeros(b, 576))

@@ -17,12 +17,12 @@ __all__ = ["TTEmbedding", "TensorNetworkEmbedding"]
 
 Rank = Union[int, Sequence[int]]
 #: At inference, a multiply-add of building the table counts this many of a GEMM's when
-#: :meth:`TensorNetworkEmbedding.logits` picks its path (many small batched products and a
-#: fresh V x J allocation). Measured on the 2-core CPU with one thread, rank 64: the table
-#: took 73-83 ms at 49152 x 576 (1.8 G multiply-adds) and 48-54 ms at 32768 x 512, the
-#: contraction with kept prefixes won up to 64-90 hidden states, which this weight places
-#: at ~95 and ~64.
-MATERIALIZE_WEIGHT = 2
+#: :meth:`TensorNetworkEmbedding.logits` picks its path (the table is built in cache-sized
+#: chunks by small batched products, :func:`compemb.tt.math.logits_through_table`).
+#: Measured on the 2-core CPU at rank 64, one and two threads: building the table won from
+#: about 16-24 hidden states at 32768 x 512 and 32-40 at 49152 x 576; this weight places
+#: the switch at 24 and 34.
+MATERIALIZE_WEIGHT = 0.6
 #: At inference, batches of up to this many ids are looked up from the prefix products
 #: that logits keep (:func:`compemb.tt.math.rows_from_prefix`: a decode step's token took
 #: 0.1 ms instead of 0.9 ms through the prefix tree at 49152 x 576, rank 64); larger
@@ -180,8 +180,10 @@ class TensorNetworkEmbedding(nn.Module):
             build_table = through_cost >= MATERIALIZE_WEIGHT * (dense_cost - gemm) + gemm
         else:
             build_table = 2 * through_cost >= dense_cost
-        if build_table:
-            table = self._table_for_logits() if cached else self.materialize()
+        if build_table and cached:
+            out = self._logits_through_table(flat)
+        elif build_table:
+            table = self.materialize()
             if not torch.is_autocast_enabled(flat.device.type):
                 table = table.to(flat.dtype)
             out = F.linear(flat, table)
@@ -189,14 +191,20 @@ class TensorNetworkEmbedding(nn.Module):
             out = self._logits_through_cores(flat, cached)
         return out.view(*lead, self.num_embeddings)
 
-    def _table_for_logits(self) -> Tensor:
-        """:meth:`materialize` from the kept prefix products (inference)."""
-        with torch.autocast(self.cores[0].device.type, enabled=False):
+    def _logits_through_table(self, flat: Tensor) -> Tensor:
+        """``flat @ materialize().T`` at inference from the kept prefix products, the table
+        built a cache-sized chunk of rows at a time (:func:`compemb.tt.math.logits_through_table`);
+        under autocast the products run in its dtype."""
+        device_type = flat.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        out_dtype = torch.get_autocast_dtype(device_type) if autocast else flat.dtype
+        with torch.autocast(device_type, enabled=False):
             cores = self._cores()
-            table = ttm.full_table(cores, self.num_embeddings, prefix=self._logits_prefix(cores))
+            out = ttm.logits_through_table(cores, flat, self.num_embeddings,
+                                           prefix=self._logits_prefix(cores), dtype=out_dtype)
             if self.padding_idx is not None:
-                table[self.padding_idx] = 0
-        return table
+                out[:, self.padding_idx] = 0
+        return out
 
     def _prefix_cacheable(self) -> bool:
         """Inference: no gradient to the cores wanted, eager (not traced)."""
