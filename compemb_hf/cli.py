@@ -97,6 +97,19 @@ def _save(model, model_dir: str, out: str) -> None:
 _HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")
 
 
+def _transform_rank(value: str) -> Optional[int]:
+    """``--transform-rank``: an int >= 0, or ``full`` (``None``: the whole matrix)."""
+    if value == "full":
+        return None
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise ValueError(f"--transform-rank must be an int >= 0 or 'full', got {value!r}")
+    return rank
+
+
 def _dense_table_shape(model_dir: str):
     """``(vocab, hidden, bytes per value, has an LM head)`` from config.json, or None where
     it does not say."""
@@ -129,6 +142,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         raise ValueError(f"--calibration-minutes must be > 0, got {args.calibration_minutes}")
     if args.head_steps is not None and args.head_steps < 0:
         raise ValueError(f"--head-steps must be >= 0 (0: no head fit), got {args.head_steps}")
+    transform_rank = _transform_rank(args.transform_rank)
     out = _check_out(args.out, args.model_dir)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise ValueError(f"{args.model_dir} has no config.json: give a folder written by "
@@ -138,7 +152,8 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     shape = _dense_table_shape(args.model_dir)
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
-                 transform=shape[3], logit_bias=shape[3], row_order=args.row_order)
+                 transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
+                 transform_rank=transform_rank)
     sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer
@@ -166,7 +181,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
-        head_steps=args.head_steps,
+        head_steps=args.head_steps, transform_rank=transform_rank,
         **({} if args.exact_share is None else {"exact_share": args.exact_share}))
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
@@ -251,6 +266,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compemb.fit import DEFAULT_TRANSFORM_RANK
+
     parser = argparse.ArgumentParser(prog="compemb", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a saved transformers model")
@@ -297,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the bytes for rows kept exactly (default 0.1)")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
+    c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),
+                   help="each table's d x d transform is stored as a Kronecker product plus "
+                        f"this rank (default {DEFAULT_TRANSFORM_RANK}); 'full': the whole "
+                        "matrix")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)

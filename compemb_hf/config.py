@@ -60,7 +60,9 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             :class:`compemb.fit.FittedEmbedding` of this structure, a dict
             ``{"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias":
             bool}`` (a ``d x d`` transform, rows kept exactly, a row permutation, a logit
-            bias on the table that serves as the head). ``None``: plain layers.
+            bias on the table that serves as the head), with ``"transform_rank": int`` when
+            the transform is a Kronecker product plus that rank
+            (:class:`compemb.fit.KroneckerLowRank`). ``None``: plain layers.
         **options: any other setting of the method (``commitment`` for DPQ ...).
 
     Raises ``ValueError`` naming the bad field and what would work.
@@ -125,12 +127,16 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.fit is not None:
             keys = {"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias": bool}
-            if (not isinstance(self.fit, dict) or set(self.fit) != set(keys)
-                    or any(not isinstance(self.fit[k], t) or (t is int and self.fit[k] < 0)
-                           for k, t in keys.items())):
+            optional = {"transform_rank": int}
+            if (not isinstance(self.fit, dict) or not set(keys) <= set(self.fit)
+                    or not set(self.fit) <= set(keys) | set(optional)
+                    or any(not isinstance(self.fit[k], t) or isinstance(self.fit[k], bool) != (t is bool)
+                           or (t is int and self.fit[k] < 0)
+                           for k, t in {**keys, **optional}.items() if k in self.fit)):
                 raise ValueError(f"fit must be None or a dict {{'transform': bool, "
                                  f"'exact_rows': int >= 0, 'row_order': bool, 'logit_bias': "
-                                 f"bool}}, got {self.fit!r}")
+                                 f"bool}}, optionally with 'transform_rank': int >= 0, got "
+                                 f"{self.fit!r}")
 
     @property
     def spec(self) -> EmbeddingSpec:

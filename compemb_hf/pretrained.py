@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from compemb.fit import (DEFAULT_EXACT_SHARE, FitPlan, HeadFit, fit_head, fit_table, metric_root,
+from compemb.fit import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, fit_head, fit_table, metric_root,
                          plan_fit, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
@@ -76,6 +76,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         seed: int = 0, random_start: bool = True,
                         openers: Sequence[str] = (),
                         head_steps: Optional[int] = None,
+                        transform_rank: Optional[int] = DEFAULT_TRANSFORM_RANK,
                         progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
     ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
@@ -97,6 +98,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             early at the calibration deadline, leaving the distillation what is left.
         exact_share: share of each table's bytes for rows kept exactly.
         row_order: TT/TR: place similar rows under shared index prefixes.
+        transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
+            plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
+            bytes for the codes; ``None``: the whole matrix.
         prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
         random_start: sampled windows begin with a random token (``tokenizer``'s special
             tokens left out), not all with BOS (:func:`compemb_hf.calibration.sample_tokens`).
@@ -127,7 +131,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     has_head = layout.output in ("tied", "untied")
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
-                        exact_share=exact_share)
+                        exact_share=exact_share, transform_rank=transform_rank)
     if sample is None:
         sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
     sources = list(sources or [])
@@ -175,7 +179,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         output=layout.output if has_head else None,
         form="codebook" if method == "dpq" else "train",
         fit={"transform": fit_plan.transform, "exact_rows": fit_plan.num_exact,
-             "row_order": fit_plan.row_order, "logit_bias": fit_plan.logit_bias})
+             "row_order": fit_plan.row_order, "logit_bias": fit_plan.logit_bias,
+             **({"transform_rank": fit_plan.transform_rank}
+                if fit_plan.transform_rank is not None else {})})
 
     def build(path: str, table: torch.Tensor, padding_idx: Optional[int], role: str):
         metric = metrics[role]
@@ -187,6 +193,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                           # transform, so only where there is one)
                           rotate=fit_plan.transform and method == "dpq",
                           num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
+                          transform_rank=fit_plan.transform_rank,
                           padding_idx=padding_idx, seed=seed,
                           head_mean=mean if (role == head_role and fit_plan.logit_bias) else None)
         return layer.to(table.device)

@@ -207,7 +207,8 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
             layer = FittedEmbedding.empty(base, config.fit["transform"],
                                           config.fit["exact_rows"], config.fit["row_order"],
                                           padding_idx=padding_idx,
-                                          logit_bias=config.fit["logit_bias"] and head)
+                                          logit_bias=config.fit["logit_bias"] and head,
+                                          transform_rank=config.fit.get("transform_rank"))
         return layer.to(weight.device) if weight.device.type == "meta" else layer
     if config.form == "codebook":
         return _build_codebook(config, weight, padding_idx, from_weights)

@@ -58,6 +58,9 @@ def test_plot_writes_a_png(tmp_path):
     assert table[4].startswith("| dpq 4x | PTB + sampled (random starts), head fit 7 steps, "
                                "exact share 0 |")
     assert table[5].startswith("| dpq 10x |")
+    rows[-1]["transform_rank"] = 32
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    assert "exact share 0, transform Kronecker + rank 32 |" in markdown(src).splitlines()[4]
 
 
 def test_rows_not_run_lists_the_default_rows_a_file_lacks(tmp_path):

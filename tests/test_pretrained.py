@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import compemb  # noqa: E402
 import compemb_hf  # noqa: E402
-from compemb.fit import FittedEmbedding  # noqa: E402
+from compemb.fit import FittedEmbedding, KroneckerLowRank  # noqa: E402
 from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
 from compemb_hf.cli import main as cli  # noqa: E402
 
@@ -69,16 +69,24 @@ def _logits(model, tokenizer, text=TEXT[:90]):
 
 
 # ---------------------------------------------------------------------------- compress_pretrained
-@pytest.mark.parametrize("method", ["dpq", "tt"])
-def test_compress_pretrained_fits_saves_small_and_reloads(method, lm, tokenizer, tmp_path):
+@pytest.mark.parametrize("method,transform_rank", [("dpq", None), ("tt", None), ("dpq", 2),
+                                                   ("tt", 2)])
+def test_compress_pretrained_fits_saves_small_and_reloads(method, transform_rank, lm, tokenizer,
+                                                         tmp_path):
+    """(A rank-2 transform at d=16 is a Kronecker product of two 4 x 4 rotations plus two
+    16 x 2 factors, 96 numbers instead of 256; the default rank at this size is the whole
+    matrix.)"""
     from transformers import AutoModelForCausalLM
 
     dense_dir = tmp_path / "dense"
     lm.save_pretrained(dense_dir)
+    kw = {} if transform_rank is None else {"transform_rank": transform_rank}
     result = compemb_hf.compress_pretrained(lm, method, 3, tokenizer=tokenizer, texts=TEXT,
-                                            sample=128, seq_len=32, progress=False)
+                                            sample=128, seq_len=32, progress=False, **kw)
     table = lm.get_input_embeddings()
     assert isinstance(table, FittedEmbedding) and lm.lm_head.table is table  # still tied
+    assert result.plan.transform_rank == transform_rank
+    assert isinstance(table.transform, KroneckerLowRank) == (transform_rank is not None)
     report = compemb.compression_report(lm)
     assert report.embedding_ratio >= 3 and result.plan.ratio >= 3
     assert set(result.sources) == {"texts", "sampled"}
@@ -135,7 +143,7 @@ def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(
     assert all(p.grad is None and p.requires_grad for p in tuned.parameters())
     # only the compressed parameters moved, the transforms as fitted
     for (name, a), (_, b) in zip(plain.named_parameters(), tuned.named_parameters()):
-        if "embed_tokens" not in name and "lm_head" not in name or name.endswith("transform"):
+        if "embed_tokens" not in name and "lm_head" not in name or ".transform" in name:
             assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="head_steps"):
         compemb_hf.compress_pretrained(copy.deepcopy(dense), "dpq", 3, tokenizer=tokenizer,
@@ -175,7 +183,7 @@ def test_calibration_lowers_the_loss_and_trains_only_the_tables(lm, tokenizer):
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k  # the teacher is never changed
     assert all(p.requires_grad for p in lm.parameters())  # frozen only during the call
-    assert "model.embed_tokens.transform" not in result.trained  # kept as fitted
+    assert not any(".transform" in k for k in result.trained)  # kept as fitted
     assert "model.embed_tokens.logit_bias" in result.trained
 
 
@@ -321,13 +329,22 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
 
     monkeypatch.setattr(pretrained, "sample_tokens", spy)
     for extra, out in (([], "random"), (["--sample-start", "bos"], "bos"),
-                       (["--sample-openers"], "openers")):
+                       (["--sample-openers", "--transform-rank", "2"], "openers")):
         assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                     "256", "--quiet", "--out", str(tmp_path / out)] + extra) == 0
     assert [kw["random_start"] for kw in seen] == [True, False, True]
     assert set(tokenizer.all_special_ids) <= set(seen[0]["exclude_tokens"])
     # the openers begin half the windows when asked for
     assert seen[0]["prompts"] == [] and seen[1]["prompts"] == [] and seen[2]["prompts"]
+    # --transform-rank reaches the saved structure (d=16: the default rank 32 is the whole
+    # matrix, rank 2 a Kronecker product plus rank 2)
+    from transformers import AutoModelForCausalLM
+
+    fits = {out: json.loads((tmp_path / out / "config.json").read_text())["quantization_config"]["fit"]
+            for out in ("random", "openers")}
+    assert "transform_rank" not in fits["random"] and fits["openers"]["transform_rank"] == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "openers")
+    assert isinstance(model.get_input_embeddings().transform, KroneckerLowRank)
 
 
 def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
@@ -342,6 +359,8 @@ def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeyp
         (["--ratio", "900"], "closest ratio that can be had"),
         (["--rank", "4"], "--ratio chooses the settings itself"),
         (["--head-steps", "-3"], "--head-steps must be >= 0"),
+        (["--transform-rank", "low"], "--transform-rank must be an int >= 0 or 'full'"),
+        (["--transform-rank", "-1"], "--transform-rank must be an int >= 0 or 'full'"),
     ]
     for extra, match in cases:
         args = ["compress", str(lm_dir), "--method", "dpq", "--out", str(tmp_path / "o")]

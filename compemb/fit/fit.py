@@ -26,6 +26,8 @@ from ..dpq.math import _nearest, check_groups, kmeans
 from ..registry import get_method
 from ..spec import EmbeddingSpec
 from .layer import FittedEmbedding
+from .transform import (kron_apply, kronecker_low_rank_transform, kronecker_rotation,
+                        low_rank_root)
 
 __all__ = ["fit_table", "fit_codebook", "fit_tensor_network", "prefix_order",
            "random_rotation", "weighted_error"]
@@ -153,7 +155,7 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
               metric: Optional[Tuple[Tensor, Tensor]] = None, rotate: Optional[bool] = None,
               num_exact: int = 0, row_order: bool = False, padding_idx: Optional[int] = None,
               head_mean: Optional[Tensor] = None, seed: int = 0,
-              tt_steps: int = 60) -> FittedEmbedding:
+              tt_steps: int = 60, transform_rank: Optional[int] = None) -> FittedEmbedding:
     """A :class:`FittedEmbedding` of ``spec``'s method for the pretrained ``weight [V, d]``.
 
     Args:
@@ -171,6 +173,11 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
             logit error along the mean, exactly in expectation. Pass ``metric`` built from
             the covariance (second moment minus the mean's outer product) with it: the
             bias takes care of the mean direction.
+        transform_rank: store the map back (``A^-1``, after the rotation) as a
+            :class:`compemb.fit.transform.KroneckerLowRank` of this rank instead of a
+            ``d x d`` matrix: the metric keeps its ``transform_rank`` largest eigenvalues and
+            the mean of the rest (:func:`compemb.fit.transform.low_rank_root`), the
+            rotation is a Kronecker product of two (:func:`~compemb.fit.transform.kronecker_rotation`).
 
     The result is in ``weight``'s dtype and on the CPU; for ``"dpq"`` the base is the
     inference form (:class:`compemb.dpq.CodebookEmbedding`)."""
@@ -192,12 +199,27 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
     if padding_idx is not None:
         tw[padding_idx] = 0
     a, a_inv = metric if metric is not None else (None, None)
-    x = w if a is None else w @ a.double()
-    transform = None if a_inv is None else a_inv.double()
-    if rotate if rotate is not None else spec.method == "dpq":
-        q = random_rotation(d, seed)
-        x = x @ q
-        transform = q.T if transform is None else q.T @ transform
+    do_rotate = rotate if rotate is not None else spec.method == "dpq"
+    if transform_rank is not None and (a is not None or do_rotate):
+        if not (isinstance(transform_rank, int) and 0 <= transform_rank < d):
+            raise ValueError(f"transform_rank must be None or an int in [0, {d}), got "
+                             f"{transform_rank!r}")
+        root = None if a is None else low_rank_root(a.double() @ a.double(), transform_rank)
+        rotation = kronecker_rotation(d, seed) if do_rotate else None
+        x = w
+        if root is not None:  # x = W A_k, A_k = t I + E diag(s - t) E^T
+            e, s, t = root
+            x = t * w + ((w @ e) * (s - t)) @ e.T
+        if rotation is not None:
+            x = kron_apply(x, *rotation)
+        transform = kronecker_low_rank_transform(root, d, rotation)
+    else:
+        x = w if a is None else w @ a.double()
+        transform = None if a_inv is None else a_inv.double()
+        if do_rotate:
+            q = random_rotation(d, seed)
+            x = x @ q
+            transform = q.T if transform is None else q.T @ transform
     exact_ids = None
     if num_exact:
         exact_ids = tw.argsort(descending=True, stable=True)[:num_exact].sort().values

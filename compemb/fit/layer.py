@@ -5,7 +5,9 @@ A pretrained table ``W [V, d]`` is compressed as ``W ~= B[row_index] @ T`` with 
 
 * ``B`` is any compemb layer (a DPQ codebook, TT cores, ...) fitted to ``W @ A``, the table
   mapped into the metric where plain L2 is what an error costs the model (see
-  :mod:`compemb.fit.stats`); ``T [d, d]`` maps back (``A^-1``, times a rotation for PQ).
+  :mod:`compemb.fit.stats`); ``T [d, d]`` maps back (``A^-1``, times a rotation for PQ),
+  stored whole or as a Kronecker product plus a low rank
+  (:class:`compemb.fit.transform.KroneckerLowRank`, ``O(d*k)`` numbers).
 * ``row_index [V]`` (optional) is a permutation: row ``i`` of the table is row
   ``row_index[i]`` of ``B``, so a TT can place similar rows under shared index prefixes.
 * ``exact_rows [N, d]``: the ``N`` most used rows, kept exactly (mixed allocation).
@@ -16,7 +18,8 @@ A pretrained table ``W [V, d]`` is compressed as ``W ~= B[row_index] @ T`` with 
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from ..checks import check_indices
 from ..output import embedding_logits
 from ..report import LayerStorage
+from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding"]
 
@@ -36,7 +40,8 @@ class FittedEmbedding(nn.Module):
     Args:
         base: a compemb layer of ``V`` rows and ``d`` columns (``forward``, ``logits``,
             ``materialize``, ``storage``).
-        transform: ``[d, d]`` or ``None`` (identity).
+        transform: ``[d, d]``, a :class:`~compemb.fit.transform.KroneckerLowRank` of ``d``
+            (the same map in fewer numbers), or ``None`` (identity).
         exact_ids: ``LongTensor [N]`` distinct ids kept exactly, or ``None``.
         exact_rows: ``[N, d]`` their rows.
         row_index: ``LongTensor [V]``, a permutation of ``range(V)``, or ``None``.
@@ -45,12 +50,13 @@ class FittedEmbedding(nn.Module):
 
     ``forward(ids [...]) -> [..., d]``; ``logits(hidden [..., d]) -> [..., V]`` is
     ``base.logits(hidden @ transform.T)`` (the base's own fast path, never ``V x d``) with
-    the exact rows' columns computed directly. Parameters: the base's, ``transform`` and
-    ``exact_rows`` (all trainable, e.g. by ``compemb_hf.calibrate``); buffers ``exact_ids``
-    and ``row_index`` (int32 in ``state_dict``).
+    the exact rows' columns computed directly. Parameters: the base's, ``transform`` (or
+    its factors ``transform.left/right/u/v``) and ``exact_rows`` (all trainable, e.g. by
+    ``compemb_hf.calibrate``); buffers ``exact_ids`` and ``row_index`` (int32 in
+    ``state_dict``).
     """
 
-    def __init__(self, base: nn.Module, transform: Optional[Tensor] = None,
+    def __init__(self, base: nn.Module, transform: Union[Tensor, KroneckerLowRank, None] = None,
                  exact_ids: Optional[Tensor] = None, exact_rows: Optional[Tensor] = None,
                  row_index: Optional[Tensor] = None, padding_idx: Optional[int] = None,
                  logit_bias: Optional[Tensor] = None) -> None:
@@ -64,7 +70,11 @@ class FittedEmbedding(nn.Module):
         ref = next(iter(base.parameters()), None)
         dtype = ref.dtype if ref is not None else torch.float32
         device = ref.device if ref is not None else None
-        if transform is not None:
+        if isinstance(transform, KroneckerLowRank):
+            if transform.dim != d:
+                raise ValueError(f"transform must map {d} dimensions, got one of {transform.dim}")
+            self.transform = copy.deepcopy(transform).to(device=device, dtype=dtype)
+        elif transform is not None:
             if tuple(transform.shape) != (d, d):
                 raise ValueError(f"transform must be [{d}, {d}], got {tuple(transform.shape)}")
             self.transform = nn.Parameter(transform.detach().to(device=device, dtype=dtype).clone())
@@ -104,11 +114,17 @@ class FittedEmbedding(nn.Module):
 
     @classmethod
     def empty(cls, base: nn.Module, transform: bool, num_exact: int, row_index: bool,
-              padding_idx: Optional[int] = None, logit_bias: bool = False) -> "FittedEmbedding":
+              padding_idx: Optional[int] = None, logit_bias: bool = False,
+              transform_rank: Optional[int] = None) -> "FittedEmbedding":
         """A layer of this structure with placeholder values, to ``load_state_dict`` a
-        checkpoint into."""
+        checkpoint into (``transform_rank``: the transform is a
+        :class:`~compemb.fit.transform.KroneckerLowRank` of that rank)."""
         v, d = base.num_embeddings, base.embedding_dim
-        return cls(base, torch.eye(d) if transform else None,
+        if transform and transform_rank is not None:
+            placeholder = KroneckerLowRank.empty(d, transform_rank)
+        else:
+            placeholder = torch.eye(d) if transform else None
+        return cls(base, placeholder,
                    torch.arange(num_exact) if num_exact else None,
                    torch.zeros(num_exact, d) if num_exact else None,
                    torch.arange(v) if row_index else None, padding_idx=padding_idx,
@@ -117,7 +133,13 @@ class FittedEmbedding(nn.Module):
     # ------------------------------------------------------------------ table access
     def _slots(self, ids: Tensor) -> Tensor:
         """``[...]`` position of each id in ``exact_ids``, -1 where it is not kept (the
-        ``[V]`` map is built once per state of ``exact_ids``, not per call)."""
+        ``[V]`` map is built once per state of ``exact_ids``, not per call; under
+        ``torch.compile`` / ``torch.export`` it is built in the graph)."""
+        if torch.compiler.is_compiling():
+            slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+            slot = slot.index_put((self.exact_ids.long(),),
+                                  torch.arange(self.exact_ids.numel(), device=ids.device))
+            return slot[ids]
         key = (self.exact_ids.data_ptr(), self.exact_ids._version, ids.device)
         cached = self.__dict__.get("_slot_cache")
         if cached is None or cached[0] != key:
@@ -133,8 +155,7 @@ class FittedEmbedding(nn.Module):
         ids = input.long()
         base_ids = ids if self.row_index is None else self.row_index[ids].long()
         out = self.base(base_ids)
-        if self.transform is not None:
-            out = out @ self.transform.to(out.dtype)
+        out = self._through_transform(out)
         if self.exact_ids is not None and self.exact_ids.numel():
             slot = self._slots(ids)
             kept = self.exact_rows.to(out.dtype)[slot.clamp_min(0)]
@@ -148,8 +169,7 @@ class FittedEmbedding(nn.Module):
         table = self.base.materialize()
         if self.row_index is not None:
             table = table[self.row_index.long()]
-        if self.transform is not None:
-            table = table @ self.transform.to(table.dtype)
+        table = self._through_transform(table)
         if self.exact_ids is not None and self.exact_ids.numel():
             table = table.index_copy(0, self.exact_ids.long(), self.exact_rows.to(table.dtype))
         if self.padding_idx is not None:
@@ -163,9 +183,7 @@ class FittedEmbedding(nn.Module):
         if hidden.shape[-1] != self.embedding_dim:
             raise ValueError(f"hidden has last dimension {hidden.shape[-1]}, expected "
                              f"embedding_dim={self.embedding_dim}")
-        h = hidden
-        if self.transform is not None:
-            h = F.linear(hidden, self.transform.to(hidden.dtype))  # hidden @ T.T
+        h = self._through_transform(hidden, transposed=True)
         out = embedding_logits(self.base, h)
         if self.row_index is not None:
             out = out.index_select(-1, self.row_index.long())
@@ -177,6 +195,15 @@ class FittedEmbedding(nn.Module):
         if self.padding_idx is not None:
             out = out.index_fill(-1, torch.tensor([self.padding_idx], device=out.device), 0)
         return out
+
+    def _through_transform(self, x: Tensor, transposed: bool = False) -> Tensor:
+        """``x [..., d] @ T`` (rows of the base), or ``@ T.T`` (hidden states)."""
+        t = self.transform
+        if t is None:
+            return x
+        if isinstance(t, KroneckerLowRank):
+            return t.hidden(x) if transposed else t.rows(x)
+        return F.linear(x, t.to(x.dtype)) if transposed else x @ t.to(x.dtype)
 
     def export(self) -> "FittedEmbedding":
         """The same table with the base in its inference form (``base.export()``, e.g.
@@ -193,18 +220,22 @@ class FittedEmbedding(nn.Module):
         the int32 row index; dense bytes in the dtype of the transform / exact rows."""
         base = self.base.storage()
         extra = extra_params = 0
-        for p in (self.transform, self.exact_rows, self.logit_bias):
+        transform = ([] if self.transform is None else list(self.transform.parameters())
+                     if isinstance(self.transform, KroneckerLowRank) else [self.transform])
+        for p in transform + [self.exact_rows, self.logit_bias]:
             if p is not None:
                 extra += p.numel() * p.element_size()
                 extra_params += p.numel()
         for b in (self.exact_ids, self.row_index):
             if b is not None:
                 extra += b.numel() * b.element_size()
-        ref = next((p for p in (self.transform, self.exact_rows) if p is not None), None)
+        ref = next((p for p in transform + [self.exact_rows] if p is not None), None)
         size = ref.element_size() if ref is not None else base.dense_bytes // max(
             1, base.num_embeddings * base.embedding_dim)
         parts = [base.shape]
-        if self.transform is not None:
+        if isinstance(self.transform, KroneckerLowRank):
+            parts.append(f"transform rank {self.transform.rank}")
+        elif self.transform is not None:
             parts.append("transform")
         if self.exact_ids is not None:
             parts.append(f"exact={self.exact_ids.numel()}")

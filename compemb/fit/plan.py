@@ -10,11 +10,15 @@ from ..dpq.math import codebook_storage_bytes, divisors
 from ..spec import EmbeddingSpec
 from ..tt import math as ttm
 from ..tt.plan import FACTOR_ORDER, max_useful_rank
+from .transform import kronecker_low_rank_size
 
-__all__ = ["FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE"]
+__all__ = ["FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE", "DEFAULT_TRANSFORM_RANK"]
 
 #: Share of each table's byte budget reserved for rows kept exactly (the most used tokens).
 DEFAULT_EXACT_SHARE = 0.1
+#: Rank of the transform kept as a Kronecker product plus a low rank
+#: (:class:`compemb.fit.transform.KroneckerLowRank`; ``None`` in :func:`plan_fit`: ``d x d``).
+DEFAULT_TRANSFORM_RANK = 32
 #: Bytes of one exact row's id.
 _ID_BYTES = 4
 
@@ -27,6 +31,8 @@ class FitPlan:
         spec: the base method's settings.
         num_exact: rows kept exactly.
         transform: whether a ``d x d`` transform is stored (fits in the head's metric).
+        transform_rank: the transform is a Kronecker product plus this rank
+            (``kron_factors + 2*d*rank`` numbers), or ``None``: a ``d x d`` matrix.
         row_order: whether a ``[V]`` int32 row permutation is stored (TT/TR).
         logit_bias: whether a ``[V]`` logit bias is stored (a table that is a head).
         stored_bytes: bytes of one table as stored.
@@ -40,6 +46,7 @@ class FitPlan:
     logit_bias: bool
     stored_bytes: int
     dense_bytes: int
+    transform_rank: Optional[int] = None
 
     @property
     def ratio(self) -> float:
@@ -49,7 +56,9 @@ class FitPlan:
         opts = " ".join(f"{k}={v}" for k, v in self.spec.to_dict().items()
                         if k in ("rank", "shape", "num_codes", "num_groups"))
         extra = [f"{self.num_exact} exact rows"]
-        if self.transform:
+        if self.transform and self.transform_rank is not None:
+            extra.append(f"transform (Kronecker + rank {self.transform_rank})")
+        elif self.transform:
             extra.append("d x d transform")
         if self.row_order:
             extra.append("row order")
@@ -133,13 +142,15 @@ def _smallest_bytes(method: str, v: int, d: int, elt: int) -> int:
 
 def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio: float, *,
              element_size: int = 4, transform: bool = True, row_order: bool = False,
-             logit_bias: bool = False, exact_share: float = DEFAULT_EXACT_SHARE) -> FitPlan:
+             logit_bias: bool = False, exact_share: float = DEFAULT_EXACT_SHARE,
+             transform_rank: Optional[int] = None) -> FitPlan:
     """Settings of a fitted table reaching ``target_ratio`` (dense bytes / bytes stored,
     both at ``element_size`` bytes per float; a model's vocabulary tables each get this
     ratio, so the ratio over all of them is the same).
 
-    The budget ``V*d*element_size / target_ratio`` pays, in this order: the ``d x d``
-    transform (if any), the row order (``4*V`` bytes, if any) and the logit bias
+    The budget ``V*d*element_size / target_ratio`` pays, in this order: the transform (if
+    any: ``d x d``, or with ``transform_rank`` a Kronecker product plus that rank, when that
+    is smaller; the plan's ``transform_rank`` says which), the row order (``4*V`` bytes, if any) and the logit bias
     (``V*element_size``, if any); ``exact_share`` of the
     budget for exact rows; the base method with the most capacity in what is left
     (DPQ: the most code bits per row; TT/TR: the largest rank); then whatever the base's
@@ -151,10 +162,19 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
         raise ValueError(f"ratio must be a number > 1, got {target_ratio!r}")
     if not 0 <= exact_share < 1:
         raise ValueError(f"exact_share must be in [0, 1), got {exact_share!r}")
+    if transform_rank is not None and not (isinstance(transform_rank, int)
+                                           and not isinstance(transform_rank, bool)
+                                           and transform_rank >= 0):
+        raise ValueError(f"transform_rank must be None or an int >= 0, got {transform_rank!r}")
     v, d, elt = num_embeddings, embedding_dim, element_size
+    if transform_rank is not None and (transform_rank >= d
+                                       or kronecker_low_rank_size(d, transform_rank) >= d * d):
+        transform_rank = None  # no smaller than the whole matrix
+    transform_numbers = (0 if not transform else d * d if transform_rank is None
+                         else kronecker_low_rank_size(d, transform_rank))
     dense = v * d * elt
     budget = int(dense / target_ratio)
-    fixed = ((d * d * elt if transform else 0) + (4 * v if row_order and method != "dpq" else 0)
+    fixed = ((transform_numbers * elt) + (4 * v if row_order and method != "dpq" else 0)
              + (v * elt if logit_bias else 0))
     row_bytes = d * elt + _ID_BYTES
     reserve = int(budget * exact_share)
@@ -166,7 +186,7 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
         least = _smallest_bytes(method, v, d, elt) + fixed
         raise ValueError(
             f"ratio {target_ratio} cannot be reached by {method} for a {v} x {d} table"
-            f"{' with its d x d transform' if transform else ''}"
+            f"{' with its transform' if transform else ''}"
             f"{' and logit bias' if logit_bias else ''}; the closest ratio that can "
             f"be had is {dense / least:.1f}x (ask for at most that)")
     base = _base_bytes(spec, v, d, elt)
@@ -175,5 +195,5 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
     stored = base + fixed + num_exact * row_bytes
     return FitPlan(spec=spec, num_exact=int(num_exact), transform=transform,
                    row_order=row_order and method != "dpq", logit_bias=logit_bias,
-                   stored_bytes=stored,
-                   dense_bytes=dense)
+                   stored_bytes=stored, dense_bytes=dense,
+                   transform_rank=transform_rank if transform else None)
