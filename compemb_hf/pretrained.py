@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from compemb.fit import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, fit_head, fit_table, metric_root,
+from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, fit_head, fit_table, metric_root,
                          plan_fit, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
@@ -71,7 +71,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         sources: Optional[Sequence[CalibrationSource]] = None,
                         calibration_minutes: Optional[float] = None,
                         calibration_steps: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN,
-                        exact_share: float = DEFAULT_EXACT_SHARE, row_order: bool = False,
+                        exact_share: Optional[float] = None, row_order: bool = False,
                         prior: Optional[float] = None, cap: Optional[float] = None,
                         seed: int = 0, random_start: bool = True,
                         openers: Sequence[str] = (),
@@ -96,7 +96,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             data-aware fit and the head fit.
         head_steps: steps of the head fit (default :data:`HEAD_STEPS`; 0: none). It stops
             early at the calibration deadline, leaving the distillation what is left.
-        exact_share: share of each table's bytes for rows kept exactly.
+        exact_share: share of each table's bytes reserved for rows kept exactly (default
+            :func:`compemb.fit.default_exact_share`: none for DPQ, 0.1 for TT/TR).
         row_order: TT/TR: place similar rows under shared index prefixes.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its

@@ -52,15 +52,17 @@ def test_plot_writes_a_png(tmp_path):
     # rows sorted by kind, then ratio (a 4x row run later comes before the 10x one)
     rows.append({"model": "smollm2", "row": "dpq 4x", "bytes": 250, "method": "dpq", "ratio": 4.0,
                  "source": "ptb+random-sampled", "calibration_minutes": 0,
-                 "head_fit": {"steps": 7}, "exact_share": 0.0, "ppl": {"ptb": 10.5, "python": 5.0}})
+                 "head_fit": {"steps": 7}, "exact_share": 0.05, "ppl": {"ptb": 10.5, "python": 5.0}})
     src.write_text("\n".join(json.dumps(r) for r in rows))
     table = markdown(src).splitlines()
     assert table[4].startswith("| dpq 4x | PTB + sampled (random starts), head fit 7 steps, "
-                               "exact share 0 |")
+                               "exact share 0.05 |")
+    # a DPQ row without the field ran at the share of its day (0.1), not today's default (0)
+    assert "PTB, fit only, exact share 0.1 |" in table[5]
     assert table[5].startswith("| dpq 10x |")
     rows[-1]["transform_rank"] = 32
     src.write_text("\n".join(json.dumps(r) for r in rows))
-    assert "exact share 0, transform Kronecker + rank 32 |" in markdown(src).splitlines()[4]
+    assert "exact share 0.05, transform Kronecker + rank 32 |" in markdown(src).splitlines()[4]
 
 
 def test_rows_not_run_lists_the_default_rows_a_file_lacks(tmp_path):

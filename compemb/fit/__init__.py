@@ -7,12 +7,13 @@ model and text, then calls :func:`fit_table` with the settings of :func:`plan_fi
 from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, random_rotation, weighted_error
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import FittedEmbedding
-from .plan import DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, FitPlan, plan_fit
+from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE, FitPlan,
+                   default_exact_share, plan_fit)
 from .stats import DEFAULT_CAP, DEFAULT_PRIOR, SecondMoment, count_tokens, metric_root, token_weights
 from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam", "fit_table", "fit_codebook", "fit_tensor_network", "prefix_order",
            "random_rotation", "weighted_error", "FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE",
-           "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank",
+           "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank", "DPQ_EXACT_SHARE", "default_exact_share",
            "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
            "DEFAULT_CAP"]
