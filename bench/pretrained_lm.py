@@ -376,6 +376,8 @@ def run_minilm(args) -> None:
         report = compemb.compression_report(model)
         row = {"model": "minilm", "row": f"{method} {float(ratio):g}x", "method": method,
                "target": float(ratio), "source": "ptb", "calibration_minutes": float(minutes),
+               "exact_share": (default_exact_share(method) if args.exact_share is None
+                               else args.exact_share),
                "transform_rank": result.plan.transform_rank,
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
