@@ -22,7 +22,7 @@ DEFAULT_EXACT_SHARE = 0.1
 #: SmolLM2 at 10x with the rank-32 transform, perplexity on PTB / Python / legal, sampled
 #: text only: share 0.1 (32 codes in 288 groups, 890 exact rows) +9.4 / +12.3 / +12.7%,
 #: 0.05 (256 codes in 192 groups, 411 rows) +9.8 / +8.4 / +11.1%, 0 (64 codes in 288
-#: groups, 91 rows) +7.9 / +7.1 / +9.0%: more code bits for every row beat exact rows
+#: groups, 91 rows) +7.9 / +7.0 / +9.0%: more code bits for every row beat exact rows
 #: for the calibration text's most frequent tokens.
 DPQ_EXACT_SHARE = 0.0
 
@@ -30,6 +30,8 @@ DPQ_EXACT_SHARE = 0.0
 def default_exact_share(method: str) -> float:
     """:data:`DPQ_EXACT_SHARE` for ``"dpq"``, :data:`DEFAULT_EXACT_SHARE` otherwise."""
     return DPQ_EXACT_SHARE if method == "dpq" else DEFAULT_EXACT_SHARE
+
+
 #: Rank of the transform kept as a Kronecker product plus a low rank
 #: (:class:`compemb.fit.transform.KroneckerLowRank`; ``None`` in :func:`plan_fit`: ``d x d``).
 DEFAULT_TRANSFORM_RANK = 32

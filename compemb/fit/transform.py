@@ -6,7 +6,7 @@ PQ. Stored whole, ``T`` costs ``d*d`` numbers, a ninth of the byte budget of Smo
 49152 x 576 table at 10x. Neither factor needs that:
 
 * the metric ``M = S + lambda*I`` is a low-rank covariance plus a multiple of the identity,
-  so its root is ``A = E_k diag(s_k) E_k^T + s (I - E_k E_k^T)`` up to the spectrum's tail,
+  so its root is ``A = E_k diag(s_k) E_k^T + t (I - E_k E_k^T)`` up to the spectrum's tail,
   which :func:`low_rank_root` flattens to one value (its mean eigenvalue), keeping ``A``
   and ``A^-1`` exact inverses of each other;
 * a rotation that spreads the variance over the PQ groups need not be Haar-random: the
