@@ -135,17 +135,17 @@ class FittedEmbedding(nn.Module):
         """``[...]`` position of each id in ``exact_ids``, -1 where it is not kept (the
         ``[V]`` map is built once per state of ``exact_ids``, not per call; under
         ``torch.compile`` / ``torch.export`` it is built in the graph)."""
-        if torch.compiler.is_compiling():
+        def slot_map() -> Tensor:  # out of place, so that tracing can take it
             slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-            slot = slot.index_put((self.exact_ids.long(),),
+            return slot.index_put((self.exact_ids.long(),),
                                   torch.arange(self.exact_ids.numel(), device=ids.device))
-            return slot[ids]
+
+        if torch.compiler.is_compiling():
+            return slot_map()[ids]
         key = (self.exact_ids.data_ptr(), self.exact_ids._version, ids.device)
         cached = self.__dict__.get("_slot_cache")
         if cached is None or cached[0] != key:
-            slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-            slot[self.exact_ids.long()] = torch.arange(self.exact_ids.numel(), device=ids.device)
-            cached = (key, slot)
+            cached = (key, slot_map())
             self.__dict__["_slot_cache"] = cached  # a plain attribute: not in state_dict
         return cached[1][ids]
 

@@ -193,18 +193,9 @@ class TensorNetworkEmbedding(nn.Module):
 
     def _logits_through_table(self, flat: Tensor) -> Tensor:
         """``flat @ materialize().T`` at inference from the kept prefix products, the table
-        built a cache-sized chunk of rows at a time (:func:`compemb.tt.math.logits_through_table`);
-        under autocast the products run in its dtype."""
-        device_type = flat.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        out_dtype = torch.get_autocast_dtype(device_type) if autocast else flat.dtype
-        with torch.autocast(device_type, enabled=False):
-            cores = self._cores()
-            out = ttm.logits_through_table(cores, flat, self.num_embeddings,
-                                           prefix=self._logits_prefix(cores), dtype=out_dtype)
-            if self.padding_idx is not None:
-                out[:, self.padding_idx] = 0
-        return out
+        built a cache-sized chunk of rows at a time (:func:`compemb.tt.math.logits_through_table`)."""
+        return self._contract(flat, lambda cores, h, dtype: ttm.logits_through_table(
+            cores, h, self.num_embeddings, prefix=self._logits_prefix(cores), dtype=dtype))
 
     def _prefix_cacheable(self) -> bool:
         """Inference: no gradient to the cores wanted, eager (not traced)."""
@@ -225,14 +216,20 @@ class TensorNetworkEmbedding(nn.Module):
         return cached[1]
 
     def _logits_through_cores(self, flat: Tensor, cached: bool = False) -> Tensor:
+        return self._contract(flat, lambda cores, h, dtype: ttm.logits_through_cores(
+            cores, h.to(cores[0].dtype), self.num_embeddings,
+            prefix=self._logits_prefix(cores) if cached else None))
+
+    def _contract(self, flat: Tensor, contraction: Callable[[List[Tensor], Tensor, torch.dtype],
+                                                            Tensor]) -> Tensor:
+        """``contraction(cores, flat, out_dtype) -> [B, V]`` with autocast off (the cores'
+        products in their own dtype), the padding column zero, in the autocast dtype when
+        autocast is on (else ``flat``'s)."""
         device_type = flat.device.type
         autocast = torch.is_autocast_enabled(device_type)
         out_dtype = torch.get_autocast_dtype(device_type) if autocast else flat.dtype
         with torch.autocast(device_type, enabled=False):
-            cores = self._cores()
-            prefix = self._logits_prefix(cores) if cached else None
-            out = ttm.logits_through_cores(cores, flat.to(cores[0].dtype), self.num_embeddings,
-                                           prefix=prefix)
+            out = contraction(self._cores(), flat, out_dtype)
             if self.padding_idx is not None:
                 out = out.index_fill(1, torch.tensor([self.padding_idx], device=out.device), 0.0)
         return out.to(out_dtype)
