@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share  # noqa: E402
+from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share, default_residual_share  # noqa: E402
 
 #: The exact share of rows that ran before the field was recorded (the default then).
 EARLIER_EXACT_SHARE = 0.1
@@ -308,7 +308,7 @@ def run_causal(args) -> None:
                 model, method, ratio, sources=chosen, sample=0,
                 calibration_minutes=minutes or None, seed=args.seed, progress=False,
                 exact_share=args.exact_share, head_steps=args.head_steps,
-                transform_rank=args.transform_rank)
+                transform_rank=args.transform_rank, residual_share=args.residual_share)
             secs = time.monotonic() - t
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
@@ -317,6 +317,8 @@ def run_causal(args) -> None:
                    "exact_share": (default_exact_share(method) if args.exact_share is None
                                    else args.exact_share),
                    "transform_rank": result.plan.transform_rank,
+                   "residual_share": (default_residual_share(method) if args.residual_share is None
+                                      else args.residual_share),
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -372,13 +374,16 @@ def run_minilm(args) -> None:
         result = compemb_hf.compress_pretrained(
             model, method, float(ratio), tokenizer=tokenizer, texts={"ptb": texts["ptb"]["calib"]},
             sample=0, calibration_minutes=float(minutes) or None, seed=args.seed, progress=False,
-            exact_share=args.exact_share, transform_rank=args.transform_rank)
+            exact_share=args.exact_share, transform_rank=args.transform_rank,
+            residual_share=args.residual_share)
         report = compemb.compression_report(model)
         row = {"model": "minilm", "row": f"{method} {float(ratio):g}x", "method": method,
                "target": float(ratio), "source": "ptb", "calibration_minutes": float(minutes),
                "exact_share": (default_exact_share(method) if args.exact_share is None
                                else args.exact_share),
                "transform_rank": result.plan.transform_rank,
+               "residual_share": (default_residual_share(method) if args.residual_share is None
+                                  else args.residual_share),
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
                "seconds": {**result.seconds, "total": time.monotonic() - t},
@@ -508,6 +513,8 @@ def markdown(path: Path) -> str:
                 cal += f", exact share {share:g}"
             if r.get("transform_rank") is not None:  # rows without the field: d x d
                 cal += f", transform Kronecker + rank {r['transform_rank']}"
+            if r.get("residual_share"):  # rows without the field had no residual rows
+                cal += f", residual rows {r['residual_share']:g}"
         else:
             cal = "-"
         cells = [r["row"], cal, f"{r['bytes'] / 2 ** 20:.2f}", f"{r['ratio']:.1f}x"]
@@ -563,6 +570,9 @@ def main(argv=None) -> None:
                         help="budget of the calibrated rows (SmolLM2; MiniLM rows name theirs)")
     parser.add_argument("--sample", type=int, default=8192, help="tokens sampled from the model")
     parser.add_argument("--exact-share", type=float, default=None)
+    parser.add_argument("--residual-share", type=float, default=None,
+                        help="share of each table's bytes for residual rows (default: "
+                             "compress_pretrained's; 0: none, as before 2026-12-06 16:30 UTC)")
     parser.add_argument("--head-steps", type=int, default=None,
                         help="steps of the head fit (default: compress_pretrained's; 0: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -153,7 +153,8 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
-                 transform_rank=transform_rank)
+                 transform_rank=transform_rank, exact_share=args.exact_share,
+                 residual_share=args.residual_share)
     sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer
@@ -182,7 +183,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
-        **({} if args.exact_share is None else {"exact_share": args.exact_share}))
+        exact_share=args.exact_share, residual_share=args.residual_share)
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
         print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
@@ -313,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exact-share", type=float, default=None,
                    help="share of the bytes reserved for rows kept exactly (default: none for "
                         "dpq, 0.1 for tt/tr)")
+    c.add_argument("--residual-share", type=float, default=None,
+                   help="share of the bytes for residual rows: the rows that cost most get "
+                        "the base's residual at 2-8 bits per dimension (default: 0.05 for "
+                        "dpq, none for tt/tr)")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),

@@ -62,7 +62,9 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             bool}`` (a ``d x d`` transform, rows kept exactly, a row permutation, a logit
             bias on the table that serves as the head), with ``"transform_rank": int`` when
             the transform is a Kronecker product plus that rank
-            (:class:`compemb.fit.KroneckerLowRank`). ``None``: plain layers.
+            (:class:`compemb.fit.KroneckerLowRank`), and ``"residual_rows": {"input" |
+            "head": {"bits": rows}}`` for tables with residual rows
+            (:class:`compemb.fit.residual.ResidualRows`). ``None``: plain layers.
         **options: any other setting of the method (``commitment`` for DPQ ...).
 
     Raises ``ValueError`` naming the bad field and what would work.
@@ -127,7 +129,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.fit is not None:
             keys = {"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias": bool}
-            optional = {"transform_rank": int}
+            optional = {"transform_rank": int, "residual_rows": dict}
             if (not isinstance(self.fit, dict) or not set(keys) <= set(self.fit)
                     or not set(self.fit) <= set(keys) | set(optional)
                     or any(not isinstance(self.fit[k], t) or isinstance(self.fit[k], bool) != (t is bool)
@@ -135,8 +137,15 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                            for k, t in {**keys, **optional}.items() if k in self.fit)):
                 raise ValueError(f"fit must be None or a dict {{'transform': bool, "
                                  f"'exact_rows': int >= 0, 'row_order': bool, 'logit_bias': "
-                                 f"bool}}, optionally with 'transform_rank': int >= 0, got "
-                                 f"{self.fit!r}")
+                                 f"bool}}, optionally with 'transform_rank': int >= 0 and "
+                                 f"'residual_rows', got {self.fit!r}")
+            rows = self.fit.get("residual_rows", {})
+            if not all(role in ("input", "head") and isinstance(per, dict) and all(
+                    isinstance(b, str) and b.isdigit() and 1 <= int(b) <= 8
+                    and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                    for b, n in per.items()) for role, per in rows.items()):
+                raise ValueError(f"fit['residual_rows'] must map 'input' / 'head' to "
+                                 f"{{'bits' (1-8): rows >= 0}}, got {rows!r}")
 
     @property
     def spec(self) -> EmbeddingSpec:

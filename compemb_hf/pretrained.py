@@ -77,6 +77,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         openers: Sequence[str] = (),
                         head_steps: Optional[int] = None,
                         transform_rank: Optional[int] = DEFAULT_TRANSFORM_RANK,
+                        residual_share: Optional[float] = None,
                         progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
     ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
@@ -98,6 +99,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             early at the calibration deadline, leaving the distillation what is left.
         exact_share: share of each table's bytes reserved for rows kept exactly (default
             :func:`compemb.fit.default_exact_share`: none for DPQ, 0.1 for TT/TR).
+        residual_share: share of each table's bytes for residual rows: the rows that cost
+            most get the base's residual at 2-8 bits per dimension
+            (:class:`compemb.fit.residual.ResidualRows`; default
+            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, none for TT/TR).
         row_order: TT/TR: place similar rows under shared index prefixes.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
@@ -132,7 +137,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     has_head = layout.output in ("tied", "untied")
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
-                        exact_share=exact_share, transform_rank=transform_rank)
+                        exact_share=exact_share, transform_rank=transform_rank,
+                        residual_share=residual_share)
     if sample is None:
         sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
     sources = list(sources or [])
@@ -196,11 +202,17 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                           num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
                           transform_rank=fit_plan.transform_rank,
                           padding_idx=padding_idx, seed=seed,
+                          residual_bytes=fit_plan.residual_bytes,
                           head_mean=mean if (role == head_role and fit_plan.logit_bias) else None)
+        if layer.residual is not None:  # a checkpoint rebuilds the same structure
+            residual_rows[role] = {str(b): n for b, n in layer.residual.counts.items()}
         return layer.to(table.device)
 
+    residual_rows: Dict[str, Dict[str, int]] = {}
     dense_head = _dense_head(model) if has_head else None
     apply_surgery(model, config, from_weights=True, progress=progress, build=build)
+    if residual_rows:
+        config.fit["residual_rows"] = residual_rows
     from .quantizer import mark_compressed
 
     mark_compressed(model, config)

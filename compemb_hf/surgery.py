@@ -194,7 +194,7 @@ def plan_surgery(model: nn.Module, config: CompressedEmbeddingConfig) -> _Plan:
 
 
 def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx: Optional[int],
-                 from_weights: bool, head: bool = False) -> nn.Module:
+                 from_weights: bool, head: bool = False, role: str = "input") -> nn.Module:
     spec = config.spec
     if config.fit is not None:
         if from_weights:
@@ -208,7 +208,9 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
                                           config.fit["exact_rows"], config.fit["row_order"],
                                           padding_idx=padding_idx,
                                           logit_bias=config.fit["logit_bias"] and head,
-                                          transform_rank=config.fit.get("transform_rank"))
+                                          transform_rank=config.fit.get("transform_rank"),
+                                          residual_counts=config.fit.get("residual_rows", {})
+                                          .get(role))
         return layer.to(weight.device) if weight.device.type == "meta" else layer
     if config.form == "codebook":
         return _build_codebook(config, weight, padding_idx, from_weights)
@@ -299,7 +301,8 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
         if build is not None:
             built.append(build(path, weight, padding_idx, "input" if group is not None else "head"))
         else:
-            built.append(_build_table(config, weight, padding_idx, from_weights, head=is_head))
+            built.append(_build_table(config, weight, padding_idx, from_weights, head=is_head,
+                                      role="input" if group is not None else "head"))
     for (group, _, _, _), layer in zip(tables, built):
         layer.train(model.training)
         if group is not None:

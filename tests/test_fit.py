@@ -5,6 +5,7 @@ import torch
 
 from compemb import EmbeddingSpec
 from compemb.dpq.math import kmeans
+from compemb.fit.residual import residual_row_bytes
 from compemb.fit import (FittedEmbedding, SecondMoment, count_tokens, fit_codebook, fit_table,
                          metric_root, plan_fit, prefix_order, token_weights, weighted_error)
 from compemb.tt import TTEmbedding
@@ -223,7 +224,11 @@ def test_fit_codebook_gives_every_row_its_nearest_centroids():
 def test_plan_fit_reaches_the_ratio_with_the_bytes_it_counts(method, ratio):
     plan = plan_fit(49152, 576, method, ratio)
     assert plan.ratio >= ratio and plan.ratio < ratio * 1.05
-    assert plan.num_exact > 0 and plan.transform
+    assert plan.transform
+    if method == "dpq":  # DPQ's default: what the codes leave goes to residual rows
+        assert plan.residual_bytes > 0 and plan.num_exact == 0
+    else:
+        assert plan.num_exact > 0 and plan.residual_bytes == 0
 
 
 def test_plan_fit_storage_matches_the_built_layer():
@@ -231,8 +236,13 @@ def test_plan_fit_storage_matches_the_built_layer():
     for method in ("dpq", "tt"):
         plan = plan_fit(2000, 32, method, 6)
         layer = fit_table(w, plan.spec, metric=metric_root(None, 32), rotate=True,
-                          num_exact=plan.num_exact)
-        assert layer.storage().stored_bytes == plan.stored_bytes
+                          num_exact=plan.num_exact, residual_bytes=plan.residual_bytes)
+        stored = layer.storage().stored_bytes
+        if plan.residual_bytes:  # the residual rows use their budget to within a few rows
+            assert layer.residual is not None
+            assert plan.stored_bytes - 4 * residual_row_bytes(32, 8) <= stored <= plan.stored_bytes
+        else:
+            assert stored == plan.stored_bytes
         assert layer.storage().ratio >= 6
 
 

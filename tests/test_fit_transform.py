@@ -5,6 +5,7 @@ import torch
 
 from compemb import EmbeddingSpec
 from compemb.fit import FittedEmbedding, KroneckerLowRank, fit_table, metric_root, plan_fit
+from compemb.fit.residual import residual_row_bytes
 from compemb.fit.transform import (kron_apply, kronecker_factors, kronecker_low_rank_size,
                                    kronecker_low_rank_transform, kronecker_rotation,
                                    low_rank_root)
@@ -149,21 +150,26 @@ def test_planned_storage_matches_the_built_layer_with_a_low_rank_transform():
     plan = plan_fit(3000, 48, "dpq", 6, transform=True, transform_rank=4)
     assert plan.transform_rank == 4
     layer = fit_table(w, plan.spec, metric=metric_root(_spd(48, 4), 48), num_exact=plan.num_exact,
-                      transform_rank=plan.transform_rank)
-    assert layer.storage().stored_bytes == plan.stored_bytes
+                      transform_rank=plan.transform_rank, residual_bytes=plan.residual_bytes)
+    assert plan.residual_bytes > 0 and layer.residual is not None
+    # the residual rows fill their budget to within a few rows
+    stored = layer.storage().stored_bytes
+    assert plan.stored_bytes - 4 * residual_row_bytes(48, 8) <= stored <= plan.stored_bytes
 
 
 @pytest.mark.parametrize("transform_rank", [None, 2])
 @pytest.mark.parametrize("method", ["dpq", "tt"])
 def test_a_fitted_table_exports_and_matches_eager(method, transform_rank):
-    """torch.export of a fitted table's lookup and logits (exact rows, logit bias, either
-    transform; DPQ as codes): the exported program gives the eager numbers."""
+    """torch.export of a fitted table's lookup and logits (exact rows, residual rows, logit
+    bias, either transform; DPQ as codes): the exported program gives the eager numbers."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 16, generator=g)
     spec = (EmbeddingSpec("dpq", {"num_codes": 16, "num_groups": 8}) if method == "dpq"
             else EmbeddingSpec("tt", {"rank": 3}))
     layer = fit_table(w, spec, metric=metric_root(_spd(16, 2), 16), num_exact=5,
-                      transform_rank=transform_rank, head_mean=torch.randn(16, generator=g)).eval()
+                      transform_rank=transform_rank, head_mean=torch.randn(16, generator=g),
+                      residual_bytes=1500).eval()
+    assert layer.residual is not None and layer.residual.ids.numel() > 0
 
     class Both(torch.nn.Module):
         def __init__(self):
@@ -174,9 +180,10 @@ def test_a_fitted_table_exports_and_matches_eager(method, transform_rank):
             return self.table(ids), self.table.logits(hidden)
 
     model = Both()
-    ids = torch.tensor([[int(layer.exact_ids[0]), 2, 299]])
+    ids = torch.tensor([[int(layer.exact_ids[0]), int(layer.residual.ids[0]), 2, 299]])
     hidden = torch.randn(1, 3, 16, generator=g)
     with torch.no_grad():
         program = torch.export.export(model, (ids, hidden))
+        torch.testing.assert_close(model(ids, hidden)[0], layer.materialize()[ids])
         for got, want in zip(program.module()(ids, hidden), model(ids, hidden)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

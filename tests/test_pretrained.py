@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 import compemb  # noqa: E402
 import compemb_hf  # noqa: E402
 from compemb.fit import FittedEmbedding, KroneckerLowRank  # noqa: E402
+from compemb.fit.residual import residual_row_bytes  # noqa: E402
 from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
 from compemb_hf.cli import main as cli  # noqa: E402
 
@@ -100,6 +101,9 @@ def test_compress_pretrained_fits_saves_small_and_reloads(method, transform_rank
     torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
     if method == "dpq":  # stored as codes, not as the training form's query table
         assert isinstance(back.get_input_embeddings().base, compemb.CodebookEmbedding)
+        # with residual rows (DPQ's default), rebuilt from the config's layout
+        assert table.residual is not None
+        assert back.get_input_embeddings().residual.counts == table.residual.counts
 
 
 def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
@@ -329,7 +333,8 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
 
     monkeypatch.setattr(pretrained, "sample_tokens", spy)
     for extra, out in (([], "random"), (["--sample-start", "bos"], "bos"),
-                       (["--sample-openers", "--transform-rank", "2"], "openers")):
+                       (["--sample-openers", "--transform-rank", "2", "--residual-share", "0"],
+                        "openers")):
         assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                     "256", "--quiet", "--out", str(tmp_path / out)] + extra) == 0
     assert [kw["random_start"] for kw in seen] == [True, False, True]
@@ -343,6 +348,9 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
     fits = {out: json.loads((tmp_path / out / "config.json").read_text())["quantization_config"]["fit"]
             for out in ("random", "openers")}
     assert "transform_rank" not in fits["random"] and fits["openers"]["transform_rank"] == 2
+    # DPQ's residual rows by default, none with --residual-share 0
+    assert sum(fits["random"]["residual_rows"]["input"].values()) > 0
+    assert "residual_rows" not in fits["openers"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "openers")
     assert isinstance(model.get_input_embeddings().transform, KroneckerLowRank)
 
@@ -361,6 +369,7 @@ def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeyp
         (["--head-steps", "-3"], "--head-steps must be >= 0"),
         (["--transform-rank", "low"], "--transform-rank must be an int >= 0 or 'full'"),
         (["--transform-rank", "-1"], "--transform-rank must be an int >= 0 or 'full'"),
+        (["--residual-share", "1.5"], "residual_share must be in [0, 1)"),
     ]
     for extra, match in cases:
         args = ["compress", str(lm_dir), "--method", "dpq", "--out", str(tmp_path / "o")]
@@ -426,7 +435,7 @@ def test_decompress_gives_back_a_dense_model_with_the_same_outputs(lm, tokenizer
     torch.testing.assert_close(_logits(lm, tokenizer), expect, rtol=1e-4, atol=1e-4)
 
 
-def test_an_encoder_gets_no_transform_and_exactly_the_planned_bytes(tokenizer):
+def test_an_encoder_gets_no_transform_and_the_planned_bytes(tokenizer):
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
@@ -435,7 +444,13 @@ def test_an_encoder_gets_no_transform_and_exactly_the_planned_bytes(tokenizer):
                                             seq_len=32, progress=False)
     table = bert.get_input_embeddings()
     assert table.transform is None and table.logit_bias is None and result.output == "none"
-    assert compemb.compression_report(bert).embedding_stored_bytes == result.plan.stored_bytes
+    stored = compemb.compression_report(bert).embedding_stored_bytes
+    if result.plan.residual_bytes:  # residual rows fill their budget to within a few rows
+        assert table.residual is not None
+        assert result.plan.stored_bytes - 4 * residual_row_bytes(16, 8) <= stored
+        assert stored <= result.plan.stored_bytes
+    else:
+        assert stored == result.plan.stored_bytes
 
 
 def test_sampling_from_openers_starts_its_share_of_windows_with_each_prompt(lm):

@@ -1,5 +1,6 @@
 """Compressing a pretrained table: calibration statistics, weighted fits in the model's
-metric, mixed allocation (exact rows for the most used tokens) and the planner.
+metric, mixed allocation (residual rows at 2-8 bits and exact rows for the tokens that cost
+most) and the planner.
 
 torch only; ``compemb_hf`` (and any other integration) collects the statistics from its
 model and text, then calls :func:`fit_table` with the settings of :func:`plan_fit`.
@@ -7,8 +8,10 @@ model and text, then calls :func:`fit_table` with the settings of :func:`plan_fi
 from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, random_rotation, weighted_error
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import FittedEmbedding
-from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE, FitPlan,
-                   default_exact_share, plan_fit)
+from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
+                   DPQ_RESIDUAL_SHARE, FitPlan, default_exact_share, default_residual_share,
+                   plan_fit)
+from .residual import ResidualRows, allocate_bits
 from .stats import DEFAULT_CAP, DEFAULT_PRIOR, SecondMoment, count_tokens, metric_root, token_weights
 from .transform import KroneckerLowRank
 
@@ -16,4 +19,5 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "random_rotation", "weighted_error", "FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE",
            "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank", "DPQ_EXACT_SHARE", "default_exact_share",
            "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
-           "DEFAULT_CAP"]
+           "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
+           "allocate_bits"]

@@ -26,6 +26,7 @@ from ..dpq.math import _nearest, check_groups, kmeans
 from ..registry import get_method
 from ..spec import EmbeddingSpec
 from .layer import FittedEmbedding
+from .residual import ResidualRows, allocate_bits
 from .transform import (kron_apply, kronecker_low_rank_transform, kronecker_rotation,
                         low_rank_root)
 
@@ -155,7 +156,8 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
               metric: Optional[Tuple[Tensor, Tensor]] = None, rotate: Optional[bool] = None,
               num_exact: int = 0, row_order: bool = False, padding_idx: Optional[int] = None,
               head_mean: Optional[Tensor] = None, seed: int = 0,
-              tt_steps: int = 60, transform_rank: Optional[int] = None) -> FittedEmbedding:
+              tt_steps: int = 60, transform_rank: Optional[int] = None,
+              residual_bytes: int = 0) -> FittedEmbedding:
     """A :class:`FittedEmbedding` of ``spec``'s method for the pretrained ``weight [V, d]``.
 
     Args:
@@ -178,6 +180,10 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
             ``d x d`` matrix: the metric keeps its ``transform_rank`` largest eigenvalues and
             the mean of the rest (:func:`compemb.fit.transform.low_rank_root`), the
             rotation is a Kronecker product of two (:func:`~compemb.fit.transform.kronecker_rotation`).
+        residual_bytes: bytes for residual rows
+            (:class:`compemb.fit.residual.ResidualRows`): the base's residual (in the fit's
+            space) of the rows where it costs most, at 2-8 bits per dimension, chosen by
+            :func:`compemb.fit.residual.allocate_bits` from ``token_weights``; 0: none.
 
     The result is in ``weight``'s dtype and on the CPU; for ``"dpq"`` the base is the
     inference form (:class:`compemb.dpq.CodebookEmbedding`)."""
@@ -185,6 +191,9 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
         raise ValueError(f"weight must be a floating [num_embeddings, embedding_dim] tensor, "
                          f"got {getattr(weight, 'shape', type(weight).__name__)}")
     v, d = weight.shape
+    if not (isinstance(residual_bytes, int) and not isinstance(residual_bytes, bool)
+            and residual_bytes >= 0):
+        raise ValueError(f"residual_bytes must be an int >= 0, got {residual_bytes!r}")
     if not (isinstance(num_exact, int) and 0 <= num_exact < v):
         raise ValueError(f"num_exact must be an int in [0, {v}), got {num_exact!r}")
     if head_mean is not None and tuple(head_mean.shape) != (d,):
@@ -239,14 +248,27 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
                                              steps=tt_steps)
     else:
         base = get_method(spec.method).from_dense(spec.config, x.float())
+    residual = None
+    if residual_bytes:
+        with torch.no_grad():
+            rows = base.materialize().detach().float()
+            if row_index is not None:
+                rows = rows[row_index]
+            error = x.float() - rows
+        bits = allocate_bits(error, fit_w if fit_w is not None else torch.ones(v), residual_bytes,
+                             element_size=weight.element_size())
+        if bool((bits > 0).any()):
+            residual = ResidualRows.from_rows(error, bits, dtype=weight.dtype)
     base = base.to(weight.dtype)
     exact_rows = None if exact_ids is None else weight.detach().cpu()[exact_ids]
     layer = FittedEmbedding(base, None if transform is None else transform.to(weight.dtype),
-                            exact_ids, exact_rows, row_index, padding_idx=padding_idx)
+                            exact_ids, exact_rows, row_index, padding_idx=padding_idx,
+                            residual=residual)
     if head_mean is not None:
         with torch.no_grad():
             error = layer.materialize().double() - weight.detach().cpu().double()
             bias = -(error @ head_mean.double().cpu())
         layer = FittedEmbedding(base, layer.transform, exact_ids, exact_rows, row_index,
-                                padding_idx=padding_idx, logit_bias=bias.to(weight.dtype))
+                                padding_idx=padding_idx, logit_bias=bias.to(weight.dtype),
+                                residual=residual)
     return layer

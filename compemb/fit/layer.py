@@ -11,6 +11,9 @@ A pretrained table ``W [V, d]`` is compressed as ``W ~= B[row_index] @ T`` with 
 * ``row_index [V]`` (optional) is a permutation: row ``i`` of the table is row
   ``row_index[i]`` of ``B``, so a TT can place similar rows under shared index prefixes.
 * ``exact_rows [N, d]``: the ``N`` most used rows, kept exactly (mixed allocation).
+* ``residual`` (optional, :class:`compemb.fit.residual.ResidualRows`): for some rows, the
+  base's residual at 2-8 bits per dimension, added in the base's space (graded mixed
+  allocation: more bits for the rows that cost more).
 * ``logit_bias [V]`` (optional, for a table that is also the LM head): added to the
   logits only (never to looked-up rows). Fitted as ``-(W_hat_i - W_i) . E[h]``, it cancels
   the part of each row's error that shifts its logit the same way in every context (the
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from ..checks import check_indices
 from ..output import embedding_logits
 from ..report import LayerStorage
+from .residual import ResidualRows
 from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding"]
@@ -47,6 +51,8 @@ class FittedEmbedding(nn.Module):
         row_index: ``LongTensor [V]``, a permutation of ``range(V)``, or ``None``.
         logit_bias: ``[V]`` added to :meth:`logits` only, or ``None``.
         padding_idx: a row returned as zeros.
+        residual: :class:`~compemb.fit.residual.ResidualRows` of ``d`` columns (ids are
+            table rows), added to the base's rows before the transform; or ``None``.
 
     ``forward(ids [...]) -> [..., d]``; ``logits(hidden [..., d]) -> [..., V]`` is
     ``base.logits(hidden @ transform.T)`` (the base's own fast path, never ``V x d``) with
@@ -59,7 +65,8 @@ class FittedEmbedding(nn.Module):
     def __init__(self, base: nn.Module, transform: Union[Tensor, KroneckerLowRank, None] = None,
                  exact_ids: Optional[Tensor] = None, exact_rows: Optional[Tensor] = None,
                  row_index: Optional[Tensor] = None, padding_idx: Optional[int] = None,
-                 logit_bias: Optional[Tensor] = None) -> None:
+                 logit_bias: Optional[Tensor] = None,
+                 residual: Optional[ResidualRows] = None) -> None:
         super().__init__()
         v, d = getattr(base, "num_embeddings", None), getattr(base, "embedding_dim", None)
         if v is None or d is None or not callable(getattr(base, "materialize", None)):
@@ -108,6 +115,16 @@ class FittedEmbedding(nn.Module):
             self.logit_bias = nn.Parameter(logit_bias.detach().to(device=device, dtype=dtype).clone())
         else:
             self.register_parameter("logit_bias", None)
+        if residual is not None:
+            if not isinstance(residual, ResidualRows) or residual.dim != d:
+                raise ValueError(f"residual must be a ResidualRows of dim {d}, got {residual!r}")
+            ids = residual.ids
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+                raise ValueError(f"residual ids must lie in [0, {v})")
+            self.residual = copy.deepcopy(residual).to(device=device)
+            self.residual.scales.data = self.residual.scales.data.to(dtype)
+        else:
+            self.residual = None
         if padding_idx is not None and not (isinstance(padding_idx, int) and -v <= padding_idx < v):
             raise ValueError(f"padding_idx must be None or an int in [-{v}, {v}), got {padding_idx!r}")
         self.padding_idx = None if padding_idx is None else padding_idx % v
@@ -115,10 +132,12 @@ class FittedEmbedding(nn.Module):
     @classmethod
     def empty(cls, base: nn.Module, transform: bool, num_exact: int, row_index: bool,
               padding_idx: Optional[int] = None, logit_bias: bool = False,
-              transform_rank: Optional[int] = None) -> "FittedEmbedding":
+              transform_rank: Optional[int] = None,
+              residual_counts: Optional[dict] = None) -> "FittedEmbedding":
         """A layer of this structure with placeholder values, to ``load_state_dict`` a
         checkpoint into (``transform_rank``: the transform is a
-        :class:`~compemb.fit.transform.KroneckerLowRank` of that rank)."""
+        :class:`~compemb.fit.transform.KroneckerLowRank` of that rank; ``residual_counts``:
+        ``{bits: rows}`` of the :class:`~compemb.fit.residual.ResidualRows`)."""
         v, d = base.num_embeddings, base.embedding_dim
         if transform and transform_rank is not None:
             placeholder = KroneckerLowRank.empty(d, transform_rank)
@@ -128,7 +147,9 @@ class FittedEmbedding(nn.Module):
                    torch.arange(num_exact) if num_exact else None,
                    torch.zeros(num_exact, d) if num_exact else None,
                    torch.arange(v) if row_index else None, padding_idx=padding_idx,
-                   logit_bias=torch.zeros(v) if logit_bias else None)
+                   logit_bias=torch.zeros(v) if logit_bias else None,
+                   residual=ResidualRows.empty(d, {int(b): int(n) for b, n in residual_counts.items()})
+                   if residual_counts else None)
 
     # ------------------------------------------------------------------ table access
     def _slots(self, ids: Tensor) -> Tensor:
@@ -155,6 +176,8 @@ class FittedEmbedding(nn.Module):
         ids = input.long()
         base_ids = ids if self.row_index is None else self.row_index[ids].long()
         out = self.base(base_ids)
+        if self.residual is not None:
+            out = self.residual.add_to_lookup(ids, out, self.num_embeddings)
         out = self._through_transform(out)
         if self.exact_ids is not None and self.exact_ids.numel():
             slot = self._slots(ids)
@@ -169,6 +192,8 @@ class FittedEmbedding(nn.Module):
         table = self.base.materialize()
         if self.row_index is not None:
             table = table[self.row_index.long()]
+        if self.residual is not None:
+            table = self.residual.add_to_table(table)
         table = self._through_transform(table)
         if self.exact_ids is not None and self.exact_ids.numel():
             table = table.index_copy(0, self.exact_ids.long(), self.exact_rows.to(table.dtype))
@@ -187,6 +212,8 @@ class FittedEmbedding(nn.Module):
         out = embedding_logits(self.base, h)
         if self.row_index is not None:
             out = out.index_select(-1, self.row_index.long())
+        if self.residual is not None:
+            out = self.residual.add_to_logits(h, out)
         if self.exact_ids is not None and self.exact_ids.numel():
             exact = F.linear(hidden.to(out.dtype), self.exact_rows.to(out.dtype))
             out = out.index_copy(out.dim() - 1, self.exact_ids.long(), exact)
@@ -212,7 +239,7 @@ class FittedEmbedding(nn.Module):
         if not callable(export):
             return self
         return FittedEmbedding(export(), self.transform, self.exact_ids, self.exact_rows,
-                               self.row_index, self.padding_idx, self.logit_bias)
+                               self.row_index, self.padding_idx, self.logit_bias, self.residual)
 
     # ------------------------------------------------------------------ bookkeeping
     def storage(self) -> LayerStorage:
@@ -229,6 +256,9 @@ class FittedEmbedding(nn.Module):
         for b in (self.exact_ids, self.row_index):
             if b is not None:
                 extra += b.numel() * b.element_size()
+        if self.residual is not None:
+            extra += self.residual.storage_bytes()
+            extra_params += sum(p.numel() for p in self.residual.parameters())
         ref = next((p for p in transform + [self.exact_rows] if p is not None), None)
         size = ref.element_size() if ref is not None else base.dense_bytes // max(
             1, base.num_embeddings * base.embedding_dim)
@@ -243,6 +273,8 @@ class FittedEmbedding(nn.Module):
             parts.append("row order")
         if self.logit_bias is not None:
             parts.append("logit bias")
+        if self.residual is not None:
+            parts.append(f"residual rows {sum(self.residual.counts.values())}")
         return LayerStorage(
             method=f"{base.method}+fit", shape=", ".join(parts),
             num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
@@ -255,7 +287,8 @@ class FittedEmbedding(nn.Module):
                  f"transform={self.transform is not None}",
                  f"exact={0 if self.exact_ids is None else self.exact_ids.numel()}",
                  f"row_order={self.row_index is not None}",
-                 f"logit_bias={self.logit_bias is not None}"]
+                 f"logit_bias={self.logit_bias is not None}",
+                 f"residual={None if self.residual is None else self.residual.counts}"]
         if self.padding_idx is not None:
             parts.append(f"padding_idx={self.padding_idx}")
         return ", ".join(parts)

@@ -13,7 +13,8 @@ from ..tt.plan import FACTOR_ORDER, max_useful_rank
 from .transform import kronecker_low_rank_size
 
 __all__ = ["FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE", "DPQ_EXACT_SHARE",
-           "default_exact_share", "DEFAULT_TRANSFORM_RANK"]
+           "default_exact_share", "DEFAULT_TRANSFORM_RANK", "DPQ_RESIDUAL_SHARE",
+           "default_residual_share"]
 
 #: Share of each table's byte budget reserved for rows kept exactly (the most used tokens),
 #: TT and TR: their cores cannot hold a trained table's row-specific detail.
@@ -30,6 +31,22 @@ DPQ_EXACT_SHARE = 0.0
 def default_exact_share(method: str) -> float:
     """:data:`DPQ_EXACT_SHARE` for ``"dpq"``, :data:`DEFAULT_EXACT_SHARE` otherwise."""
     return DPQ_EXACT_SHARE if method == "dpq" else DEFAULT_EXACT_SHARE
+
+
+#: Share of each DPQ table's byte budget for residual rows
+#: (:class:`compemb.fit.residual.ResidualRows`: more bits for the rows that cost most).
+#: Measured on SmolLM2 at 10x (PTB + sampled text, no head fit), the head's KL to the dense
+#: one on PTB / Python / legal head inputs: no residual (64 codes in 288 groups, 91 exact
+#: rows) 0.0414 / 0.0721 / 0.0652; share 0.05 (256 codes in 192 groups, 0.74 MB of
+#: residual rows at 2-5 bits) 0.0200 / 0.0719 / 0.0478; a base one bit smaller for the
+#: residuals' 1.8 MB (32 codes in 288 groups) 0.0173 / 0.0774 / 0.0475 (Python, which the
+#: calibration text lacks, worse).
+DPQ_RESIDUAL_SHARE = 0.05
+
+
+def default_residual_share(method: str) -> float:
+    """:data:`DPQ_RESIDUAL_SHARE` for ``"dpq"``, none for TT/TR (not measured there)."""
+    return DPQ_RESIDUAL_SHARE if method == "dpq" else 0.0
 
 
 #: Rank of the transform kept as a Kronecker product plus a low rank
@@ -51,8 +68,10 @@ class FitPlan:
             (``kron_factors + 2*d*rank`` numbers), or ``None``: a ``d x d`` matrix.
         row_order: whether a ``[V]`` int32 row permutation is stored (TT/TR).
         logit_bias: whether a ``[V]`` logit bias is stored (a table that is a head).
-        stored_bytes: bytes of one table as stored.
+        stored_bytes: bytes of one table as stored (the residual rows counted at their
+            budget, which :func:`compemb.fit.fit_table` never exceeds).
         dense_bytes: bytes of one dense table.
+        residual_bytes: budget of the residual rows (``fit_table(residual_bytes=)``).
     """
 
     spec: EmbeddingSpec
@@ -63,6 +82,7 @@ class FitPlan:
     stored_bytes: int
     dense_bytes: int
     transform_rank: Optional[int] = None
+    residual_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -80,6 +100,8 @@ class FitPlan:
             extra.append("row order")
         if self.logit_bias:
             extra.append("logit bias")
+        if self.residual_bytes:
+            extra.append(f"residual rows ({self.residual_bytes:,} bytes)")
         return (f"{self.spec.method} {opts} + {', '.join(extra)}: {self.stored_bytes:,} bytes "
                 f"per table vs {self.dense_bytes:,} dense ({self.ratio:.2f}x)")
 
@@ -159,7 +181,8 @@ def _smallest_bytes(method: str, v: int, d: int, elt: int) -> int:
 def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio: float, *,
              element_size: int = 4, transform: bool = True, row_order: bool = False,
              logit_bias: bool = False, exact_share: Optional[float] = None,
-             transform_rank: Optional[int] = None) -> FitPlan:
+             transform_rank: Optional[int] = None,
+             residual_share: Optional[float] = None) -> FitPlan:
     """Settings of a fitted table reaching ``target_ratio`` (dense bytes / bytes stored,
     both at ``element_size`` bytes per float; a model's vocabulary tables each get this
     ratio, so the ratio over all of them is the same).
@@ -168,9 +191,11 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
     any: ``d x d``, or with ``transform_rank`` a Kronecker product plus that rank, when that
     is smaller; the plan's ``transform_rank`` says which), the row order (``4*V`` bytes, if any) and the logit bias
     (``V*element_size``, if any); ``exact_share`` (default :func:`default_exact_share`) of the
-    budget for exact rows; the base method with the most capacity in what is left
+    budget for exact rows and ``residual_share`` (default :func:`default_residual_share`)
+    for residual rows; the base method with the most capacity in what is left
     (DPQ: the most code bits per row; TT/TR: the largest rank); then whatever the base's
-    granularity leaves goes to more exact rows (``d*element_size + 4`` bytes each).
+    granularity leaves goes to the residual rows when there are any, else to more exact
+    rows (``d*element_size + 4`` bytes each).
     ``ValueError`` naming the largest reachable ratio when the target cannot be met."""
     if method not in ("dpq", "tt", "tr"):
         raise ValueError(f"method must be 'dpq', 'tt' or 'tr' for a fitted table, got {method!r}")
@@ -180,6 +205,12 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
         exact_share = default_exact_share(method)
     if not 0 <= exact_share < 1:
         raise ValueError(f"exact_share must be in [0, 1), got {exact_share!r}")
+    if residual_share is None:
+        residual_share = default_residual_share(method)
+    if not (isinstance(residual_share, (int, float)) and not isinstance(residual_share, bool)
+            and 0 <= residual_share < 1 and exact_share + residual_share < 1):
+        raise ValueError(f"residual_share must be in [0, 1) with exact_share + residual_share "
+                         f"< 1, got {residual_share!r} (exact_share {exact_share!r})")
     if transform_rank is not None and not (isinstance(transform_rank, int)
                                            and not isinstance(transform_rank, bool)
                                            and transform_rank >= 0):
@@ -195,7 +226,7 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
     fixed = ((transform_numbers * elt) + (4 * v if row_order and method != "dpq" else 0)
              + (v * elt if logit_bias else 0))
     row_bytes = d * elt + _ID_BYTES
-    reserve = int(budget * exact_share)
+    reserve = int(budget * exact_share) + int(budget * residual_share)
     pick = _dpq_base if method == "dpq" else (lambda *a: _tt_base(*a, method))
     spec = pick(v, d, budget - fixed - reserve, elt) if budget - fixed - reserve > 0 else None
     if spec is None:  # no room for the reserve: try without it
@@ -208,10 +239,16 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
             f"{' and logit bias' if logit_bias else ''}; the closest ratio that can "
             f"be had is {dense / least:.1f}x (ask for at most that)")
     base = _base_bytes(spec, v, d, elt)
-    num_exact = max(0, (budget - fixed - base) // row_bytes)
+    left = budget - fixed - base
+    if residual_share > 0:  # exact rows get their share, the residual rows the rest
+        num_exact = min(max(0, int(budget * exact_share) // row_bytes, 0), left // row_bytes)
+        residual = max(0, left - num_exact * row_bytes)
+    else:
+        num_exact, residual = max(0, left // row_bytes), 0
     num_exact = min(num_exact, v - 1)
-    stored = base + fixed + num_exact * row_bytes
+    stored = base + fixed + num_exact * row_bytes + residual
     return FitPlan(spec=spec, num_exact=int(num_exact), transform=transform,
                    row_order=row_order and method != "dpq", logit_bias=logit_bias,
                    stored_bytes=stored, dense_bytes=dense,
-                   transform_rank=transform_rank if transform else None)
+                   transform_rank=transform_rank if transform else None,
+                   residual_bytes=int(residual))
