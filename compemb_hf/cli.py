@@ -312,12 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense head's softmax on the calibration text's head inputs "
                         "(default 200; 0: none)")
     c.add_argument("--exact-share", type=float, default=None,
-                   help="share of the bytes reserved for rows kept exactly (default: none for "
-                        "dpq, 0.1 for tt/tr)")
+                   help="share of the bytes reserved for rows kept exactly (default: none)")
     c.add_argument("--residual-share", type=float, default=None,
                    help="share of the bytes for residual rows: the rows that cost most get "
                         "the base's residual at 2-8 bits per dimension (default: 0.05 for "
-                        "dpq, none for tt/tr)")
+                        "dpq, 0.85 for tt/tr)")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),

@@ -98,11 +98,11 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         head_steps: steps of the head fit (default :data:`HEAD_STEPS`; 0: none). It stops
             early at the calibration deadline, leaving the distillation what is left.
         exact_share: share of each table's bytes reserved for rows kept exactly (default
-            :func:`compemb.fit.default_exact_share`: none for DPQ, 0.1 for TT/TR).
+            :func:`compemb.fit.default_exact_share`: none; residual rows do it better).
         residual_share: share of each table's bytes for residual rows: the rows that cost
             most get the base's residual at 2-8 bits per dimension
             (:class:`compemb.fit.residual.ResidualRows`; default
-            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, none for TT/TR).
+            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.85 for TT/TR).
         row_order: TT/TR: place similar rows under shared index prefixes.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its

@@ -5,6 +5,7 @@ import torch
 
 from compemb import EmbeddingSpec
 from compemb.dpq.math import kmeans
+from compemb.fit import default_residual_share
 from compemb.fit.residual import residual_row_bytes
 from compemb.fit import (FittedEmbedding, SecondMoment, count_tokens, fit_codebook, fit_table,
                          metric_root, plan_fit, prefix_order, token_weights, weighted_error)
@@ -222,13 +223,16 @@ def test_fit_codebook_gives_every_row_its_nearest_centroids():
 @pytest.mark.parametrize("method", ["dpq", "tt", "tr"])
 @pytest.mark.parametrize("ratio", [4, 10, 32])
 def test_plan_fit_reaches_the_ratio_with_the_bytes_it_counts(method, ratio):
-    plan = plan_fit(49152, 576, method, ratio)
+    plan = plan_fit(49152, 576, method, ratio, transform_rank=32)
     assert plan.ratio >= ratio and plan.ratio < ratio * 1.05
     assert plan.transform
-    if method == "dpq":  # DPQ's default: what the codes leave goes to residual rows
-        assert plan.residual_bytes > 0 and plan.num_exact == 0
-    else:
-        assert plan.num_exact > 0 and plan.residual_bytes == 0
+    # the default: what the base leaves goes to residual rows, none to exact rows
+    assert plan.residual_bytes > 0 and plan.num_exact == 0
+    share = plan.residual_bytes / plan.stored_bytes
+    assert share >= default_residual_share(method)  # its share, and what the base leaves
+    no_residual = plan_fit(49152, 576, method, ratio, transform_rank=32, residual_share=0,
+                           exact_share=0.1)
+    assert no_residual.num_exact > 0 and no_residual.residual_bytes == 0
 
 
 def test_plan_fit_storage_matches_the_built_layer():

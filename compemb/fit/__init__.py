@@ -9,8 +9,8 @@ from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, rand
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import FittedEmbedding
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
-                   DPQ_RESIDUAL_SHARE, FitPlan, default_exact_share, default_residual_share,
-                   plan_fit)
+                   DPQ_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan, default_exact_share,
+                   default_residual_share, plan_fit)
 from .residual import ResidualRows, allocate_bits
 from .stats import DEFAULT_CAP, DEFAULT_PRIOR, SecondMoment, count_tokens, metric_root, token_weights
 from .transform import KroneckerLowRank
@@ -20,4 +20,4 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank", "DPQ_EXACT_SHARE", "default_exact_share",
            "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
-           "allocate_bits"]
+           "allocate_bits", "TT_RESIDUAL_SHARE"]

@@ -14,11 +14,13 @@ from .transform import kronecker_low_rank_size
 
 __all__ = ["FitPlan", "plan_fit", "DEFAULT_EXACT_SHARE", "DPQ_EXACT_SHARE",
            "default_exact_share", "DEFAULT_TRANSFORM_RANK", "DPQ_RESIDUAL_SHARE",
-           "default_residual_share"]
+           "default_residual_share", "TT_RESIDUAL_SHARE"]
 
 #: Share of each table's byte budget reserved for rows kept exactly (the most used tokens),
-#: TT and TR: their cores cannot hold a trained table's row-specific detail.
-DEFAULT_EXACT_SHARE = 0.1
+#: TT and TR. It was 0.1 (their cores cannot hold a trained table's row-specific detail)
+#: until residual rows took that role at a fraction of the bytes per row
+#: (:data:`TT_RESIDUAL_SHARE`).
+DEFAULT_EXACT_SHARE = 0.0
 #: The same for DPQ: none reserved (exact rows get only what the codes leave). Measured on
 #: SmolLM2 at 10x with the rank-32 transform, perplexity on PTB / Python / legal, sampled
 #: text only: share 0.1 (32 codes in 288 groups, 890 exact rows) +9.4 / +12.3 / +12.7%,
@@ -42,11 +44,17 @@ def default_exact_share(method: str) -> float:
 #: residuals' 1.8 MB (32 codes in 288 groups) 0.0173 / 0.0774 / 0.0475 (Python, which the
 #: calibration text lacks, worse).
 DPQ_RESIDUAL_SHARE = 0.05
+#: The same for TT and TR, whose cores miss most of a trained table's row-specific detail:
+#: the residual rows carry it. SmolLM2 at 10x, PTB + sampled text, no head fit, perplexity
+#: on PTB / Python / legal: 10% exact rows (rank 96, 552 rows) +416 / +7174 / +3944%;
+#: residual share 0.3 (rank 84) +31.5 / +647 / +638%; 0.6 (rank 62) +14.8 / +115 / +159%;
+#: 0.85 (rank 34) +7.7 / +44 / +52%.
+TT_RESIDUAL_SHARE = 0.85
 
 
 def default_residual_share(method: str) -> float:
-    """:data:`DPQ_RESIDUAL_SHARE` for ``"dpq"``, none for TT/TR (not measured there)."""
-    return DPQ_RESIDUAL_SHARE if method == "dpq" else 0.0
+    """:data:`DPQ_RESIDUAL_SHARE` for ``"dpq"``, :data:`TT_RESIDUAL_SHARE` for TT/TR."""
+    return DPQ_RESIDUAL_SHARE if method == "dpq" else TT_RESIDUAL_SHARE
 
 
 #: Rank of the transform kept as a Kronecker product plus a low rank
