@@ -515,6 +515,8 @@ def markdown(path: Path) -> str:
                 cal += f", transform Kronecker + rank {r['transform_rank']}"
             if r.get("residual_share"):  # rows without the field had no residual rows
                 cal += f", residual rows {r['residual_share']:g}"
+            if r.get("seed"):
+                cal += f", seed {r['seed']}"
         else:
             cal = "-"
         cells = [r["row"], cal, f"{r['bytes'] / 2 ** 20:.2f}", f"{r['ratio']:.1f}x"]
