@@ -42,7 +42,8 @@ def default_exact_share(method: str) -> float:
 #: rows) 0.0414 / 0.0721 / 0.0652; share 0.05 (256 codes in 192 groups, 0.74 MB of
 #: residual rows at 2-5 bits) 0.0200 / 0.0719 / 0.0478; a base one bit smaller for the
 #: residuals' 1.8 MB (32 codes in 288 groups) 0.0173 / 0.0774 / 0.0475 (Python, which the
-#: calibration text lacks, worse).
+#: calibration text lacks, worse). In perplexity, fit only: share 0.05 +1.2 / +8.3 / +8.4%,
+#: 0.1 (32 codes in 288 groups, 2.1 MB) +0.6 / +10.0 / +9.1%.
 DPQ_RESIDUAL_SHARE = 0.05
 #: The same for TT and TR, whose cores miss most of a trained table's row-specific detail:
 #: the residual rows carry it. SmolLM2 at 10x, PTB + sampled text, no head fit, perplexity
