@@ -119,6 +119,22 @@ def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
     assert err < 0.9
 
 
+def test_an_untied_model_saves_and_reloads_the_residual_rows_of_both_tables(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm(len(tokenizer), tied=False)
+    compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, progress=False)
+    lm.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    layout = saved["fit"]["residual_rows"]  # each table its own layout
+    assert set(layout) == {"input", "head"}
+    assert {str(b): n for b, n in lm.lm_head.table.residual.counts.items()} == layout["head"]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.lm_head.table.residual.counts == lm.lm_head.table.residual.counts
+    torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(tokenizer, tied):
     import copy
