@@ -81,10 +81,15 @@ def test_residual_rows_add_the_same_rows_to_lookup_table_and_logits():
 
 def test_residual_rows_load_into_an_empty_layout_and_train_their_scales():
     _, _, res = _residual()
-    back = ResidualRows.empty(12, res.counts)
+    back = ResidualRows(12, res.counts)  # placeholder values of the same layout
+    look = torch.tensor([0, 3, 10, 11])
+    zeros = torch.zeros(4, 12)
+    back.add_to_lookup(look, zeros, 60)  # its caches (slot map, unpacked codes) built now
     back.load_state_dict(res.state_dict())
     for a, b in zip(res.rows(), back.rows()):
         torch.testing.assert_close(a, b)
+    # the caches follow the loaded state
+    torch.testing.assert_close(back.add_to_lookup(look, zeros, 60), res.add_to_lookup(look, zeros, 60))
     assert set(res.state_dict()) == {"ids", "codes", "scales"}
     back.add_to_table(torch.zeros(60, 12)).sum().backward()
     assert back.scales.grad is not None and bool((back.scales.grad != 0).all())

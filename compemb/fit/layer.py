@@ -32,6 +32,7 @@ from ..checks import check_indices
 from ..output import embedding_logits
 from ..report import LayerStorage
 from .residual import ResidualRows
+from .slots import cached_per_state, slot_map
 from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding"]
@@ -148,7 +149,7 @@ class FittedEmbedding(nn.Module):
                    torch.zeros(num_exact, d) if num_exact else None,
                    torch.arange(v) if row_index else None, padding_idx=padding_idx,
                    logit_bias=torch.zeros(v) if logit_bias else None,
-                   residual=ResidualRows.empty(d, {int(b): int(n) for b, n in residual_counts.items()})
+                   residual=ResidualRows(d, {int(b): int(n) for b, n in residual_counts.items()})
                    if residual_counts else None)
 
     # ------------------------------------------------------------------ table access
@@ -156,19 +157,10 @@ class FittedEmbedding(nn.Module):
         """``[...]`` position of each id in ``exact_ids``, -1 where it is not kept (the
         ``[V]`` map is built once per state of ``exact_ids``, not per call; under
         ``torch.compile`` / ``torch.export`` it is built in the graph)."""
-        def slot_map() -> Tensor:  # out of place, so that tracing can take it
-            slot = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-            return slot.index_put((self.exact_ids.long(),),
-                                  torch.arange(self.exact_ids.numel(), device=ids.device))
-
-        if torch.compiler.is_compiling():
-            return slot_map()[ids]
-        key = (self.exact_ids.data_ptr(), self.exact_ids._version, ids.device)
-        cached = self.__dict__.get("_slot_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, slot_map())
-            self.__dict__["_slot_cache"] = cached  # a plain attribute: not in state_dict
-        return cached[1][ids]
+        slots = cached_per_state(
+            self, "_slot_cache", [self.exact_ids],
+            lambda: slot_map(self.exact_ids, self.num_embeddings, ids.device), ids.device)
+        return slots[ids]
 
     def forward(self, input: Tensor) -> Tensor:
         """``input [...]`` (ids) -> ``[..., d]``."""

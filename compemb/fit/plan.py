@@ -250,7 +250,7 @@ def plan_fit(num_embeddings: int, embedding_dim: int, method: str, target_ratio:
     base = _base_bytes(spec, v, d, elt)
     left = budget - fixed - base
     if residual_share > 0:  # exact rows get their share, the residual rows the rest
-        num_exact = min(max(0, int(budget * exact_share) // row_bytes, 0), left // row_bytes)
+        num_exact = min(int(budget * exact_share) // row_bytes, left // row_bytes)
         residual = max(0, left - num_exact * row_bytes)
     else:
         num_exact, residual = max(0, left // row_bytes), 0

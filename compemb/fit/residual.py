@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dpq.math import pack_codes, packed_num_bytes, unpack_codes
+from .slots import cached_per_state, slot_map
 
 __all__ = ["RESIDUAL_BITS", "quantize_rows", "dequantize_rows", "residual_row_bytes",
            "allocate_bits", "ResidualRows"]
@@ -143,7 +144,7 @@ class ResidualRows(nn.Module):
     packed at ``b`` bits by :func:`compemb.dpq.math.pack_codes`, one stream after the
     other), parameter ``scales [N]`` (trainable, e.g. by the head fit). :attr:`counts`
     (``{bits: rows}``) is the layout; build with :meth:`from_rows` or, to load a checkpoint
-    into, :meth:`empty` with the same counts.
+    into, the constructor with the same counts (placeholder values).
     """
 
     def __init__(self, dim: int, counts: Mapping[int, int], dtype: torch.dtype = torch.float32,
@@ -160,12 +161,6 @@ class ResidualRows(nn.Module):
         self.register_buffer("ids", torch.zeros(rows, dtype=torch.int32, device=device))
         self.register_buffer("codes", torch.zeros(nbytes, dtype=torch.uint8, device=device))
         self.scales = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device))
-
-    @classmethod
-    def empty(cls, dim: int, counts: Mapping[int, int], dtype: torch.dtype = torch.float32
-              ) -> "ResidualRows":
-        """Placeholder values of this structure (``counts``: rows per width)."""
-        return cls(dim, counts, dtype)
 
     @classmethod
     def from_rows(cls, residual: Tensor, bits: Tensor, dtype: Optional[torch.dtype] = None
@@ -213,14 +208,7 @@ class ResidualRows(nn.Module):
                 return torch.zeros(0, self.dim, dtype=torch.int8, device=self.codes.device)
             return torch.cat(parts)
 
-        if torch.compiler.is_compiling():
-            return unpack()
-        key = (self.codes.data_ptr(), self.codes._version)
-        cached = self.__dict__.get("_unpacked")
-        if cached is None or cached[0] != key:
-            cached = (key, unpack())
-            self.__dict__["_unpacked"] = cached  # a plain attribute: not in state_dict
-        return cached[1]
+        return cached_per_state(self, "_unpacked", [self.codes], unpack)
 
     def rows(self) -> Tuple[Tensor, Tensor]:
         """``(ids long [N], residual rows [N, d])``."""
@@ -235,12 +223,13 @@ class ResidualRows(nn.Module):
 
     def add_to_lookup(self, ids: Tensor, out: Tensor, num_embeddings: int) -> Tensor:
         """``out [..., d]`` (the base's rows of ``ids [...]``) with the residuals added;
-        only the looked-up rows are dequantised."""
+        only the looked-up rows are dequantised (the ``[V]`` slot map is built once per
+        state of ``ids``)."""
         if not self.ids.numel():
             return out
-        slot = torch.full((num_embeddings,), -1, dtype=torch.long, device=ids.device)
-        slot = slot.index_put((self.ids.long(),),
-                              torch.arange(self.ids.numel(), device=ids.device))[ids]
+        slot = cached_per_state(self, "_slots", [self.ids],
+                                lambda: slot_map(self.ids, num_embeddings, ids.device),
+                                ids.device, num_embeddings)[ids]
         keep = slot.clamp_min(0)
         add = (self._centred()[keep].to(out.dtype) + 0.5) * self.scales.to(out.dtype)[keep].unsqueeze(-1)
         return out + add * (slot >= 0).unsqueeze(-1).to(out.dtype)
