@@ -277,7 +277,7 @@ def run_causal(args) -> None:
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"windows": windows, "seconds": secs}, cache)
-        sources[key] = [CalibrationSource("sampled", windows)]
+        sources[key] = [CalibrationSource("sampled", windows, sampled=True)]
         sources[f"seconds:{start}"] = secs
         return sources[key]
 
@@ -308,7 +308,8 @@ def run_causal(args) -> None:
                 model, method, ratio, sources=chosen, sample=0,
                 calibration_minutes=minutes or None, seed=args.seed, progress=False,
                 exact_share=args.exact_share, head_steps=args.head_steps,
-                transform_rank=args.transform_rank, residual_share=args.residual_share)
+                transform_rank=args.transform_rank, residual_share=args.residual_share,
+                token_prior=args.token_prior)
             secs = time.monotonic() - t
             report = compemb.compression_report(model)
             row = {"model": "smollm2", "row": f"{method} {ratio:g}x", "method": method,
@@ -319,6 +320,7 @@ def run_causal(args) -> None:
                    "transform_rank": result.plan.transform_rank,
                    "residual_share": (default_residual_share(method) if args.residual_share is None
                                       else args.residual_share),
+                   "token_prior": args.token_prior, "prior": result.prior,
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -375,7 +377,7 @@ def run_minilm(args) -> None:
             model, method, float(ratio), tokenizer=tokenizer, texts={"ptb": texts["ptb"]["calib"]},
             sample=0, calibration_minutes=float(minutes) or None, seed=args.seed, progress=False,
             exact_share=args.exact_share, transform_rank=args.transform_rank,
-            residual_share=args.residual_share)
+            residual_share=args.residual_share, token_prior=args.token_prior)
         report = compemb.compression_report(model)
         row = {"model": "minilm", "row": f"{method} {float(ratio):g}x", "method": method,
                "target": float(ratio), "source": "ptb", "calibration_minutes": float(minutes),
@@ -384,6 +386,7 @@ def run_minilm(args) -> None:
                "transform_rank": result.plan.transform_rank,
                "residual_share": (default_residual_share(method) if args.residual_share is None
                                   else args.residual_share),
+               "token_prior": args.token_prior, "prior": result.prior,
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
                "seconds": {**result.seconds, "total": time.monotonic() - t},
@@ -515,6 +518,8 @@ def markdown(path: Path) -> str:
                 cal += f", transform Kronecker + rank {r['transform_rank']}"
             if r.get("residual_share"):  # rows without the field had no residual rows
                 cal += f", residual rows {r['residual_share']:g}"
+            if r.get("token_prior") == "rank":  # rows without the field: uniform prior 0.3
+                cal += f", rank prior {r['prior']:g}"
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:
@@ -575,6 +580,9 @@ def main(argv=None) -> None:
     parser.add_argument("--residual-share", type=float, default=None,
                         help="share of each table's bytes for residual rows (default: "
                              "compress_pretrained's; 0: none, as before 2026-12-06 16:30 UTC)")
+    parser.add_argument("--token-prior", choices=["rank", "uniform"], default="rank",
+                        help="prior of the token weights (default: compress_pretrained's, "
+                             "'rank'; 'uniform': the only one before 2026-12-06 18:30 UTC)")
     parser.add_argument("--head-steps", type=int, default=None,
                         help="steps of the head fit (default: compress_pretrained's; 0: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -55,11 +55,12 @@ Texts = Union[None, str, Sequence[str], Mapping[str, Sequence[str]]]
 
 @dataclass
 class CalibrationSource:
-    """One calibration source: a name (a path, ``"texts"`` or ``"sampled"``) and its token
-    windows ``LongTensor [n, seq_len]``."""
+    """One calibration source: a name (a path, ``"texts"`` or ``"sampled"``), its token
+    windows ``LongTensor [n, seq_len]`` and whether the model itself generated them."""
 
     name: str
     windows: Tensor
+    sampled: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -243,7 +244,7 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
     finally:
         bar.close()
         model.train(was_training)
-    return CalibrationSource("sampled", torch.cat(out))
+    return CalibrationSource("sampled", torch.cat(out), sampled=True)
 
 
 def _sampling_schedule(windows: int, prompted: int, prompts: List[List[int]], batch_size: int
@@ -554,7 +555,7 @@ def calibrate(model: nn.Module, texts: Texts = None, teacher: Optional[nn.Module
             loss = _distill_loss(model, teacher, batch, lm)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step % eval_every == 0:
                 now = evaluate()

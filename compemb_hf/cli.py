@@ -183,10 +183,12 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
-        exact_share=args.exact_share, residual_share=args.residual_share)
+        exact_share=args.exact_share, residual_share=args.residual_share,
+        token_prior=args.token_prior)
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
         print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
+        print(f"token weights: {args.token_prior} prior, {result.prior:g} of the weight")
         if result.head_fit is not None:
             f = result.head_fit
             print(f"head fit: {f.steps} steps, held-out KL {f.heldout_before:.4f} -> "
@@ -317,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the bytes for residual rows: the rows that cost most get "
                         "the base's residual at 2-8 bits per dimension (default: 0.05 for "
                         "dpq, 0.85 for tt/tr)")
+    c.add_argument("--token-prior", choices=["rank", "uniform"], default="rank",
+                   help="what the calibration text's token counts are blended with, so that "
+                        "tokens it lacks keep a usable row: 'rank' (default) assumes lower "
+                        "token ids are more frequent, as tokenizers number their tokens; "
+                        "'uniform' gives every token the same floor")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),

@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, fit_head, fit_table, metric_root,
-                         plan_fit, token_weights)
+from compemb.fit import (DEFAULT_PRIOR, DEFAULT_TRANSFORM_RANK, SAMPLED_PRIOR, FitPlan, HeadFit,
+                         fit_head, fit_table, metric_root, plan_fit, rank_prior, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -56,6 +56,8 @@ class PretrainedCompression:
         seconds: wall time per stage (``sampling``, ``statistics``, ``fit``, ``calibration``).
         head_fit: the head fit's result (:class:`compemb.fit.HeadFit`), or ``None``.
         calibration: the distillation's result, or ``None`` when not run.
+        prior: the prior's share in the token weights (:func:`compemb.fit.token_weights`).
+        token_weights: ``float32 [V]``, the weights the tables were fitted with (mean 1).
     """
 
     plan: FitPlan
@@ -64,6 +66,8 @@ class PretrainedCompression:
     seconds: Dict[str, float] = field(default_factory=dict)
     head_fit: Optional[HeadFit] = None
     calibration: Optional[CalibrationResult] = None
+    prior: Optional[float] = None
+    token_weights: Optional[torch.Tensor] = None
 
 
 def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenizer: Any = None,
@@ -73,6 +77,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         calibration_steps: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN,
                         exact_share: Optional[float] = None, row_order: bool = False,
                         prior: Optional[float] = None, cap: Optional[float] = None,
+                        token_prior: Union[str, torch.Tensor] = "rank",
                         seed: int = 0, random_start: bool = True,
                         openers: Sequence[str] = (),
                         head_steps: Optional[int] = None,
@@ -107,7 +112,14 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
             bytes for the codes; ``None``: the whole matrix.
-        prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`).
+        prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`); ``prior``
+            defaults to :data:`compemb.fit.DEFAULT_PRIOR` (0.3) when there is calibration
+            text and to :data:`compemb.fit.SAMPLED_PRIOR` (0.85) when all of it is sampled
+            from the model (its counts say less about the user's text).
+        token_prior: the prior that the token counts are blended with: ``"rank"`` (default;
+            :func:`compemb.fit.rank_prior`: lower ids are more frequent, as tokenizers
+            number their tokens), ``"uniform"``, or a ``[V]`` tensor of non-negative
+            weights (e.g. token frequencies of a general corpus).
         random_start: sampled windows begin with a random token (``tokenizer``'s special
             tokens left out), not all with BOS (:func:`compemb_hf.calibration.sample_tokens`).
         openers: texts that begin half the sampled windows (e.g.
@@ -130,10 +142,16 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     head_steps = HEAD_STEPS if head_steps is None else head_steps
     if not (isinstance(head_steps, int) and not isinstance(head_steps, bool) and head_steps >= 0):
         raise ValueError(f"head_steps must be an int >= 0, got {head_steps!r}")
+    prior_distribution = _token_prior(token_prior)
     probe = CompressedEmbeddingConfig(method)
     layout = plan_surgery(model, probe)  # ValueError for a model without a replaceable embedding
     weight = layout.groups[0].weight
     v, d = int(weight.shape[0]), int(weight.shape[1])
+    if prior_distribution is not None and prior_distribution.shape != (v,):
+        raise ValueError(f"token_prior must be 'rank', 'uniform' or a [{v}] tensor (one weight "
+                         f"per row of the table), got shape {tuple(prior_distribution.shape)}")
+    if prior_distribution is None and token_prior == "rank":
+        prior_distribution = rank_prior(v)
     has_head = layout.output in ("tied", "untied")
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
@@ -169,8 +187,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     seconds["statistics"] = time.monotonic() - t
 
     t = time.monotonic()
-    weights_kw = {k: val for k, val in (("prior", prior), ("cap", cap)) if val is not None}
-    tw = token_weights(counts, **weights_kw)
+    if prior is None:
+        prior = SAMPLED_PRIOR if all(s.sampled for s in sources) else DEFAULT_PRIOR
+    tw = token_weights(counts, prior=prior, prior_distribution=prior_distribution,
+                       **({} if cap is None else {"cap": cap}))
     teacher = copy.deepcopy(model) if (calibration_minutes or calibration_steps) else None
     # the logit bias cancels each row's error along the mean hidden state, so the fit
     # spends its budget on the covariance (plus plain L2 for the input side of a tied table)
@@ -219,7 +239,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     seconds["fit"] = time.monotonic() - t
     result = PretrainedCompression(plan=fit_plan, output=layout.output,
                                    sources={s.name: s.num_tokens for s in sources},
-                                   seconds=seconds)
+                                   seconds=seconds, prior=prior, token_weights=tw)
     if dense_head is not None and head_inputs and head_steps:
         t = time.monotonic()
         result.head_fit = _fit_head(model, dense_head, head_inputs, head_steps, deadline, seed,
@@ -235,6 +255,23 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             seconds["calibration"] = result.calibration.seconds
         del teacher
     return result
+
+
+def _token_prior(token_prior: Union[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """A given ``[V]`` prior checked (its length against the table later), or ``None`` for
+    ``"rank"`` / ``"uniform"``; ``ValueError`` for anything else."""
+    if isinstance(token_prior, str):
+        if token_prior not in ("rank", "uniform"):
+            raise ValueError(f"token_prior must be 'rank', 'uniform' or a [V] tensor, got "
+                             f"{token_prior!r}")
+        return None
+    if not isinstance(token_prior, torch.Tensor) or token_prior.dim() != 1:
+        raise ValueError(f"token_prior must be 'rank', 'uniform' or a [V] tensor, got "
+                         f"{token_prior!r:.80}")
+    p = token_prior.detach().to(torch.float64).cpu()
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not float(p.sum()) > 0:
+        raise ValueError("token_prior must hold finite non-negative weights with a positive sum")
+    return p
 
 
 def _dense_head(model: nn.Module):

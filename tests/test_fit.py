@@ -7,8 +7,9 @@ from compemb import EmbeddingSpec
 from compemb.dpq.math import kmeans
 from compemb.fit import default_residual_share
 from compemb.fit.residual import residual_row_bytes
-from compemb.fit import (FittedEmbedding, SecondMoment, count_tokens, fit_codebook, fit_table,
-                         metric_root, plan_fit, prefix_order, token_weights, weighted_error)
+from compemb.fit import (DEFAULT_PRIOR, SAMPLED_PRIOR, FittedEmbedding, SecondMoment, count_tokens,
+                         fit_codebook, fit_table, metric_root, plan_fit, prefix_order, rank_prior,
+                         token_weights, weighted_error)
 from compemb.tt import TTEmbedding
 
 
@@ -42,6 +43,36 @@ def test_token_weights_follow_the_documented_rule():
         token_weights(counts, prior=1.5)
     with pytest.raises(ValueError, match="cap"):
         token_weights(counts, cap=0.5)
+
+
+def test_rank_prior_is_a_zipf_law_over_ids_with_a_uniform_floor():
+    p = rank_prior(1000, offset=10.0, exponent=1.0, uniform=0.25)
+    assert p.shape == (1000,) and p.dtype == torch.float64
+    assert float(p.sum()) == pytest.approx(1.0)
+    assert bool((p[:-1] > p[1:]).all())  # lower ids are taken as more frequent
+    z = (torch.arange(1000, dtype=torch.float64) + 10.0) ** -1.0
+    torch.testing.assert_close(p, 0.25 / 1000 + 0.75 * z / z.sum())
+    assert float(p.min()) >= 0.25 / 1000  # the floor under every row
+    torch.testing.assert_close(rank_prior(7, uniform=1.0), torch.full((7,), 1 / 7, dtype=torch.float64))
+    for bad, match in (({"num_embeddings": 0}, "num_embeddings"), ({"offset": 0.0}, "offset"),
+                       ({"exponent": -1.0}, "exponent"), ({"uniform": 1.5}, "uniform")):
+        with pytest.raises(ValueError, match=match):
+            rank_prior(**{"num_embeddings": 10, **bad})
+
+
+def test_token_weights_blend_the_counts_with_a_given_prior():
+    counts = torch.tensor([0.0, 30.0, 0.0, 10.0], dtype=torch.float64)
+    q = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)  # any scale: normalised
+    w = token_weights(counts, prior=0.5, cap=100.0, prior_distribution=q)
+    p = counts / 40 * 0.5 + 0.5 * q / 10
+    torch.testing.assert_close(w.double(), p * 4 / (p * 4).mean(), rtol=1e-6, atol=1e-6)
+    assert w[0] > w[2] > 0  # unseen tokens keep the prior's order
+    # no counts: the prior's own weights
+    torch.testing.assert_close(token_weights(torch.zeros(4), prior_distribution=q).double(),
+                               q / q.mean(), rtol=1e-6, atol=1e-6)
+    for bad in (torch.ones(3), -q, torch.zeros(4)):
+        with pytest.raises(ValueError, match="prior_distribution"):
+            token_weights(counts, prior_distribution=bad)
 
 
 def test_metric_root_is_the_square_root_of_the_scaled_moment_plus_identity():
@@ -175,6 +206,13 @@ def test_rows_missing_from_the_calibration_text_are_not_given_up():
         layer = fit_table(w, spec, token_weights=token_weights(counts), num_exact=20)
         err = (layer.materialize().detach() - w).norm(dim=1) / w.norm(dim=1)
         assert err[unseen].median() <= 1.5 * err.median(), spec.method
+        # the default of compress_pretrained: the rank prior, with its larger share when
+        # the text is sampled
+        for prior in (DEFAULT_PRIOR, SAMPLED_PRIOR):
+            ranked = fit_table(w, spec, token_weights=token_weights(
+                counts, prior=prior, prior_distribution=rank_prior(1000)), num_exact=20)
+            r_err = (ranked.materialize().detach() - w).norm(dim=1) / w.norm(dim=1)
+            assert r_err[unseen].median() <= 1.5 * r_err.median(), (spec.method, prior)
         # raw frequencies (no prior, no cap) do give them up: the rule is what protects them
         raw = fit_table(w, spec, token_weights=token_weights(counts, prior=1e-6, cap=1e6))
         raw_err = (raw.materialize().detach() - w).norm(dim=1) / w.norm(dim=1)

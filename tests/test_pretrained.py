@@ -28,7 +28,8 @@ def char_tokenizer():
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     # room in the vocabulary for ids no text uses, as a real tokenizer has
-    vocab.update({f"<extra{i}>": len(vocab) for i in range(160)})
+    for i in range(160):
+        vocab[f"<extra{i}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
@@ -285,6 +286,34 @@ def test_model_without_a_replaceable_embedding_and_bad_ratio_are_refused(lm):
     assert not compemb_hf.is_compressed(lm)
 
 
+def test_token_prior_ranks_unseen_tokens_by_id_and_bad_priors_are_refused(tokenizer):
+    from compemb.fit import DEFAULT_PRIOR, SAMPLED_PRIOR
+
+    unused = torch.arange(len(tokenizer) - 160, len(tokenizer))  # ids no text uses
+    weights = {}
+    for prior in ("rank", "uniform"):
+        model = tiny_lm(len(tokenizer))
+        result = compemb_hf.compress_pretrained(model, "dpq", 3, tokenizer=tokenizer,
+                                                texts={"a": TEXT}, sample=0, seq_len=32,
+                                                head_steps=0, token_prior=prior, progress=False)
+        assert result.prior == DEFAULT_PRIOR  # the user's text: the counts lead
+        weights[prior] = result.token_weights[unused]
+    assert bool((weights["uniform"] == weights["uniform"][0]).all())
+    assert bool((weights["rank"][:-1] > weights["rank"][1:]).all())  # lower id, more weight
+    sampled = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), "dpq", 3, sample=64,
+                                             seq_len=32, head_steps=0, progress=False)
+    assert sampled.prior == SAMPLED_PRIOR  # only the model's own text: the prior leads
+    lm = tiny_lm(len(tokenizer))
+    for bad, match in (("zipf", "token_prior must be 'rank', 'uniform'"),
+                       (torch.ones(7), r"a \[259\] tensor"),
+                       (-torch.ones(len(tokenizer)), "non-negative"),
+                       (torch.ones(2, len(tokenizer)), "token_prior must be")):
+        with pytest.raises(ValueError, match=match):
+            compemb_hf.compress_pretrained(lm, "dpq", 3, sample=64, seq_len=32,
+                                           token_prior=bad, progress=False)
+        assert not compemb_hf.is_compressed(lm)
+
+
 def test_read_sources_refuses_bad_paths(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02abc")
@@ -327,6 +356,7 @@ def test_cli_compress_ratio_round_trip_and_report(lm_dir, tokenizer, tmp_path, c
     printed = capsys.readouterr().out
     assert "planner: dpq" in printed and "sampled" in printed and str(code_dir) in printed
     assert "head fit: " in printed and "held-out KL" in printed
+    assert "token weights: rank prior, 0.3 of the weight" in printed  # the user's text leads
     assert {p.name: p.stat().st_mtime_ns for p in lm_dir.iterdir()} == before  # input untouched
     assert (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -371,6 +401,30 @@ def test_cli_without_text_samples_from_random_starts_unless_asked(lm_dir, tokeni
     assert isinstance(model.get_input_embeddings().transform, KroneckerLowRank)
 
 
+def test_cli_token_prior_reaches_the_fit(lm_dir, tmp_path, capsys, monkeypatch):
+    import compemb_hf.pretrained as pretrained
+
+    priors = []
+    real = pretrained.compress_pretrained
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        priors.append((kw["token_prior"], result.token_weights.clone()))
+        return result
+
+    monkeypatch.setattr(pretrained, "compress_pretrained", spy)
+    for prior in ("uniform", "rank"):
+        assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
+                    "128", "--head-steps", "0", "--token-prior", prior,
+                    "--out", str(tmp_path / prior)]) == 0
+        # only sampled text: the prior holds SAMPLED_PRIOR of the weight
+        assert f"token weights: {prior} prior, 0.85 of the weight" in capsys.readouterr().out
+    (_, uniform), (_, rank) = priors
+    unused = slice(len(uniform) - 160, None)  # ids that the samples are unlikely to hold
+    assert not torch.equal(uniform, rank)
+    assert float(rank[unused].mean()) < float(uniform[unused].mean())  # the rarest ids
+
+
 def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeypatch):
     import compemb_hf.cli as cli_module
 
@@ -393,6 +447,11 @@ def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeyp
             args += ["--ratio", "3"]
         assert cli(args + extra) == 2
         assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own check of the choices
+        cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--out",
+             str(tmp_path / "o"), "--token-prior", "zipf"])
+    assert exc.value.code == 2
+    assert "--token-prior: invalid choice: 'zipf'" in capsys.readouterr().err
     assert loads == [] and not (tmp_path / "o").exists()
 
 
