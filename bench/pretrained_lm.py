@@ -582,7 +582,7 @@ def main(argv=None) -> None:
                              "compress_pretrained's; 0: none, as before 2026-12-06 16:30 UTC)")
     parser.add_argument("--token-prior", choices=["rank", "uniform"], default="rank",
                         help="prior of the token weights (default: compress_pretrained's, "
-                             "'rank'; 'uniform': the only one before 2026-12-06 18:30 UTC)")
+                             "'rank'; 'uniform': the only one before 2026-12-06 18:15 UTC)")
     parser.add_argument("--head-steps", type=int, default=None,
                         help="steps of the head fit (default: compress_pretrained's; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
