@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_PRIOR, DEFAULT_TRANSFORM_RANK, SAMPLED_PRIOR, FitPlan, HeadFit,
-                         fit_head, fit_table, metric_root, plan_fit, rank_prior, token_weights)
+                         check_prior, fit_head, fit_table, metric_root, plan_fit, rank_prior,
+                         token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -142,16 +143,11 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     head_steps = HEAD_STEPS if head_steps is None else head_steps
     if not (isinstance(head_steps, int) and not isinstance(head_steps, bool) and head_steps >= 0):
         raise ValueError(f"head_steps must be an int >= 0, got {head_steps!r}")
-    prior_distribution = _token_prior(token_prior)
     probe = CompressedEmbeddingConfig(method)
     layout = plan_surgery(model, probe)  # ValueError for a model without a replaceable embedding
     weight = layout.groups[0].weight
     v, d = int(weight.shape[0]), int(weight.shape[1])
-    if prior_distribution is not None and prior_distribution.shape != (v,):
-        raise ValueError(f"token_prior must be 'rank', 'uniform' or a [{v}] tensor (one weight "
-                         f"per row of the table), got shape {tuple(prior_distribution.shape)}")
-    if prior_distribution is None and token_prior == "rank":
-        prior_distribution = rank_prior(v)
+    prior_distribution = _token_prior(token_prior, v)
     has_head = layout.output in ("tied", "untied")
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
@@ -257,21 +253,18 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     return result
 
 
-def _token_prior(token_prior: Union[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """A given ``[V]`` prior checked (its length against the table later), or ``None`` for
-    ``"rank"`` / ``"uniform"``; ``ValueError`` for anything else."""
-    if isinstance(token_prior, str):
-        if token_prior not in ("rank", "uniform"):
-            raise ValueError(f"token_prior must be 'rank', 'uniform' or a [V] tensor, got "
-                             f"{token_prior!r}")
+def _token_prior(token_prior: Union[str, torch.Tensor], num_embeddings: int
+                 ) -> Optional[torch.Tensor]:
+    """The prior distribution ``[V]`` that ``token_prior`` names (``None``: uniform);
+    ``ValueError`` for anything else."""
+    if isinstance(token_prior, torch.Tensor):
+        return check_prior(token_prior, num_embeddings, name="token_prior")
+    if token_prior == "rank":
+        return rank_prior(num_embeddings)
+    if token_prior == "uniform":
         return None
-    if not isinstance(token_prior, torch.Tensor) or token_prior.dim() != 1:
-        raise ValueError(f"token_prior must be 'rank', 'uniform' or a [V] tensor, got "
-                         f"{token_prior!r:.80}")
-    p = token_prior.detach().to(torch.float64).cpu()
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not float(p.sum()) > 0:
-        raise ValueError("token_prior must hold finite non-negative weights with a positive sum")
-    return p
+    raise ValueError(f"token_prior must be 'rank', 'uniform' or a [{num_embeddings}] tensor, "
+                     f"got {token_prior!r:.80}")
 
 
 def _dense_head(model: nn.Module):

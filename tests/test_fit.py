@@ -70,7 +70,7 @@ def test_token_weights_blend_the_counts_with_a_given_prior():
     # no counts: the prior's own weights
     torch.testing.assert_close(token_weights(torch.zeros(4), prior_distribution=q).double(),
                                q / q.mean(), rtol=1e-6, atol=1e-6)
-    for bad in (torch.ones(3), -q, torch.zeros(4)):
+    for bad in (torch.ones(3), -q, torch.zeros(4), torch.tensor([1.0, float("inf"), 1.0, 1.0])):
         with pytest.raises(ValueError, match="prior_distribution"):
             token_weights(counts, prior_distribution=bad)
 

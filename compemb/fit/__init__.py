@@ -13,7 +13,7 @@ from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
                    default_residual_share, plan_fit)
 from .residual import ResidualRows, allocate_bits
 from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SecondMoment, count_tokens, metric_root,
-                    rank_prior, token_weights)
+                    check_prior, rank_prior, token_weights)
 from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam", "fit_table", "fit_codebook", "fit_tensor_network", "prefix_order",
@@ -21,4 +21,4 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank", "DPQ_EXACT_SHARE", "default_exact_share",
            "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
-           "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR"]
+           "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior"]

@@ -20,7 +20,8 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["count_tokens", "token_weights", "rank_prior", "SecondMoment", "metric_root",
+__all__ = ["count_tokens", "token_weights", "rank_prior", "check_prior", "SecondMoment",
+           "metric_root",
            "DEFAULT_PRIOR", "SAMPLED_PRIOR", "DEFAULT_CAP", "RANK_OFFSET", "RANK_UNIFORM"]
 
 #: Share of the total weight given to the prior (every row, seen or not).
@@ -73,6 +74,18 @@ def rank_prior(num_embeddings: int, offset: float = RANK_OFFSET, exponent: float
     return uniform / num_embeddings + (1.0 - uniform) * z / z.sum()
 
 
+def check_prior(weights: Tensor, num_embeddings: int, name: str = "prior_distribution"
+                ) -> Tensor:
+    """``weights [V]`` (one finite, non-negative weight per row, positive sum) as a
+    ``float64`` distribution on the CPU; ``ValueError`` naming ``name`` otherwise."""
+    q = weights.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if (weights.dim() != 1 or q.numel() != num_embeddings or not bool(torch.isfinite(q).all())
+            or bool((q < 0).any()) or not float(q.sum()) > 0):
+        raise ValueError(f"{name} must be a [{num_embeddings}] tensor of finite non-negative "
+                         f"weights with a positive sum, got shape {tuple(weights.shape)}")
+    return q / q.sum()
+
+
 def count_tokens(ids: Union[Tensor, Iterable[Tensor]], num_embeddings: int) -> Tensor:
     """``float64 [V]`` occurrences of each id in ``ids`` (a tensor of any shape, or an
     iterable of them, e.g. batches streamed from a text). ``ValueError`` for an id outside
@@ -119,14 +132,8 @@ def token_weights(counts: Tensor, prior: float = DEFAULT_PRIOR, cap: float = DEF
         raise ValueError("counts must be non-negative")
     v = counts.numel()
     total = float(counts.sum())
-    if prior_distribution is None:
-        q = torch.full_like(counts, 1.0 / v)
-    else:
-        q = prior_distribution.detach().to(torch.float64).reshape(-1).cpu()
-        if q.numel() != v or not bool((q >= 0).all()) or not float(q.sum()) > 0:
-            raise ValueError(f"prior_distribution must be [{v}] non-negative with a positive "
-                             f"sum, got {tuple(prior_distribution.shape)}")
-        q = q / q.sum()
+    q = (torch.full_like(counts, 1.0 / v) if prior_distribution is None
+         else check_prior(prior_distribution, v))
     p = (counts / total * (1.0 - prior) + prior * q) if total > 0 else q.clone()
     w = (p * v).clamp_max(cap)
     if exclude is not None and exclude.numel():
