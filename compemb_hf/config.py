@@ -19,7 +19,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 import compemb
 from compemb import EmbeddingSpec
 
-__all__ = ["CompressedEmbeddingConfig", "QUANT_METHOD", "SERIAL_MARKER", "OUTPUTS", "INITS"]
+__all__ = ["CompressedEmbeddingConfig", "QUANT_METHOD", "SERIAL_MARKER", "OUTPUTS", "INITS",
+           "PADDING_ROWS"]
 
 #: the ``quant_method`` name under which the config and quantizer are registered
 QUANT_METHOD = "compemb"
@@ -28,6 +29,7 @@ SERIAL_MARKER = "compemb_version"
 OUTPUTS = ("tied", "untied", "dense")
 INITS = ("pretrained", "random")
 FORMS = ("train", "codebook")
+PADDING_ROWS = ("zero", "stored")
 _LOAD_NOTE = ("compressed by compemb: `import compemb_hf` (pip install 'compemb[hf]') before "
               "from_pretrained; without it transformers cannot rebuild the compressed layers")
 
@@ -65,6 +67,13 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             (:class:`compemb.fit.KroneckerLowRank`), and ``"residual_rows": {"input" |
             "head": {"bits": rows}}`` for tables with residual rows
             (:class:`compemb.fit.residual.ResidualRows`). ``None``: plain layers.
+        padding_row: how the compressed tables treat the embedding's ``padding_idx`` row:
+            ``"zero"`` (a row that is always zero, as a freshly initialised
+            ``nn.Embedding``'s) or ``"stored"`` (an ordinary row, compressed like the
+            others: torch returns a stored padding row as it is, and models that set the
+            pad token to EOS, e.g. SmolLM2, need that row in the head). ``None`` (default):
+            decided when the tables are built from dense weights (``"stored"`` when a padding
+            row holds anything but zeros) and recorded; checkpoints without it: ``"zero"``.
         **options: any other setting of the method (``commitment`` for DPQ ...).
 
     Raises ``ValueError`` naming the bad field and what would work.
@@ -77,7 +86,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                  temperature: Optional[float] = None, modules: Optional[Sequence[str]] = None,
                  output: Optional[str] = None, init: Optional[str] = None,
                  form: str = "train", fit: Optional[Dict[str, Any]] = None,
-                 **options: Any) -> None:
+                 padding_row: Optional[str] = None, **options: Any) -> None:
         options.pop("quant_method", None)
         options.pop(SERIAL_MARKER, None)
         options.pop("load_with", None)
@@ -95,6 +104,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         self.init = init
         self.form = form
         self.fit = None if fit is None else dict(fit)
+        self.padding_row = padding_row
         self.post_init()
 
     # -- validation -----------------------------------------------------------------------
@@ -125,6 +135,9 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         if self.form == "codebook" and self.method != "dpq":
             raise ValueError(f"form='codebook' is the exported form of method 'dpq', not of "
                              f"{self.method!r}; use form='train'")
+        if self.padding_row is not None and self.padding_row not in PADDING_ROWS:
+            raise ValueError(f"padding_row must be one of {list(PADDING_ROWS)} or None (decided "
+                             f"from the dense weights), got {self.padding_row!r}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.fit is not None:
@@ -169,6 +182,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             "init": self.init,
             "form": self.form,
             "fit": copy.deepcopy(self.fit),
+            "padding_row": self.padding_row,
         }
 
     def to_diff_dict(self) -> Dict[str, Any]:
@@ -193,4 +207,4 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"CompressedEmbeddingConfig(method={self.method!r}, {fields}, "
                 f"modules={self.modules!r}, output={self.output!r}, init={self.init!r}, "
-                f"form={self.form!r}, fit={self.fit!r})")
+                f"form={self.form!r}, fit={self.fit!r}, padding_row={self.padding_row!r})")

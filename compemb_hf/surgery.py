@@ -193,6 +193,12 @@ def plan_surgery(model: nn.Module, config: CompressedEmbeddingConfig) -> _Plan:
     return _Plan(groups, head_paths, head, output)
 
 
+def _padding_rows_used(tables) -> bool:
+    """Whether any ``(group, path, weight, padding_idx)`` table's padding row holds anything
+    but zeros (a trained row, e.g. a pad token that is also EOS)."""
+    return any(p is not None and bool(w[p].detach().ne(0).any()) for _, _, w, p in tables)
+
+
 def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx: Optional[int],
                  from_weights: bool, head: bool = False, role: str = "input") -> nn.Module:
     spec = config.spec
@@ -290,6 +296,11 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
     untied_head = plan.output == "untied"
     if untied_head:
         tables.append((None, plan.head_paths[0], plan.head.weight, None))
+    padding_row = config.padding_row
+    if padding_row is None and from_weights and all(w.device.type != "meta" for _, _, w, _ in tables):
+        padding_row = "stored" if _padding_rows_used(tables) else "zero"
+    if padding_row == "stored":  # an ordinary row (e.g. pad = EOS, which the head predicts)
+        tables = [(g, path, w, None) for g, path, w, _ in tables]
     iterator = tables
     if progress:
         from tqdm.auto import tqdm
@@ -303,6 +314,8 @@ def apply_surgery(model: nn.Module, config: CompressedEmbeddingConfig, *, from_w
         else:
             built.append(_build_table(config, weight, padding_idx, from_weights, head=is_head,
                                       role="input" if group is not None else "head"))
+    if padding_row is not None:
+        config.padding_row = padding_row  # recorded, so that a checkpoint rebuilds the same
     for (group, _, _, _), layer in zip(tables, built):
         layer.train(model.training)
         if group is not None:

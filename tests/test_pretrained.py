@@ -107,6 +107,52 @@ def test_compress_pretrained_fits_saves_small_and_reloads(method, transform_rank
         assert back.get_input_embeddings().residual.counts == table.residual.counts
 
 
+@pytest.mark.parametrize("method", ["dpq", "tt"])
+def test_a_trained_padding_row_is_compressed_like_any_row_and_reloads(method, tokenizer, tmp_path):
+    """Models that set the pad token to EOS (SmolLM2: pad = <|im_end|>) keep a trained row
+    there, which the tied head needs: forced to zero, the compressed model could never
+    predict EOS (its logit stuck at 0: p ~ 1e-15 where the dense model gives 1e-5)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.get_input_embeddings().padding_idx == 2
+    with torch.no_grad():  # a trained model's EOS row
+        model.get_input_embeddings().weight[2] = torch.randn(16) * 0.02
+    dense_rows = model.get_input_embeddings().weight.detach().clone()
+    compemb_hf.compress_pretrained(model, method, 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, head_steps=0, progress=False)
+    config = model.config.quantization_config
+    assert config.padding_row == "stored"
+    with torch.no_grad():
+        rows = model.get_input_embeddings()(torch.arange(len(tokenizer)))
+        eos_logit = model.lm_head(torch.randn(4, 16))[:, 2]
+    err = (rows - dense_rows).norm(dim=1) / dense_rows.norm(dim=1)
+    # fitted like the others (a zero row's error would be 1)
+    assert float(err[2]) < min(1.0, 1.5 * float(err.median()))
+    assert bool((eos_logit != 0).all())
+    model.save_pretrained(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.quantization_config.padding_row == "stored"
+    with torch.no_grad():
+        torch.testing.assert_close(back.get_input_embeddings()(torch.tensor([2])), rows[2:3])
+    # a padding row that is zero (as a fresh nn.Embedding's) stays an always-zero row
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(cfg).eval()
+    assert bool((fresh.get_input_embeddings().weight[2] == 0).all())
+    compemb_hf.compress_pretrained(fresh, method, 3, tokenizer=tokenizer, texts=TEXT, sample=0,
+                                   seq_len=32, head_steps=0, progress=False)
+    assert fresh.config.quantization_config.padding_row == "zero"
+    with torch.no_grad():
+        assert bool((fresh.get_input_embeddings()(torch.tensor([2])) == 0).all())
+    with pytest.raises(ValueError, match="padding_row must be one of"):
+        compemb_hf.CompressedEmbeddingConfig("dpq", padding_row="keep")
+
+
 def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
     lm = tiny_lm(len(tokenizer), tied=False)
     head_weight = lm.lm_head.weight.detach().clone()
