@@ -26,9 +26,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from compemb.fit import (DEFAULT_PRIOR, DEFAULT_TRANSFORM_RANK, SAMPLED_PRIOR, FitPlan, HeadFit,
-                         check_prior, fit_head, fit_table, metric_root, plan_fit, rank_prior,
-                         token_weights)
+from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
+                         fit_head, fit_table, metric_root, plan_fit, rank_prior, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -114,9 +113,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
             bytes for the codes; ``None``: the whole matrix.
         prior, cap: token weight smoothing (:func:`compemb.fit.token_weights`); ``prior``
-            defaults to :data:`compemb.fit.DEFAULT_PRIOR` (0.3) when there is calibration
-            text and to :data:`compemb.fit.SAMPLED_PRIOR` (0.85) when all of it is sampled
-            from the model (its counts say less about the user's text).
+            defaults (:func:`compemb.fit.default_prior`) to 0.3 when there is calibration
+            text and, when all of it is sampled from the model (its counts say less about
+            the user's text than the tokenizer's ranks), to 1.0 (the weights are
+            ``token_prior`` alone) or, with ``token_prior="uniform"``, 0.85.
         token_prior: the prior that the token counts are blended with: ``"rank"`` (default;
             :func:`compemb.fit.rank_prior`: lower ids are more frequent, as tokenizers
             number their tokens), ``"uniform"``, or a ``[V]`` tensor of non-negative
@@ -184,7 +184,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
 
     t = time.monotonic()
     if prior is None:
-        prior = SAMPLED_PRIOR if all(s.sampled for s in sources) else DEFAULT_PRIOR
+        prior = default_prior(all(s.sampled for s in sources), prior_distribution is None)
     tw = token_weights(counts, prior=prior, prior_distribution=prior_distribution,
                        **({} if cap is None else {"cap": cap}))
     teacher = copy.deepcopy(model) if (calibration_minutes or calibration_steps) else None

@@ -219,6 +219,19 @@ def test_rows_missing_from_the_calibration_text_are_not_given_up():
         assert raw_err[unseen].median() > err[unseen].median()
 
 
+def test_default_prior_follows_the_text_and_the_prior():
+    from compemb.fit import SAMPLED_UNIFORM_PRIOR, default_prior
+
+    assert default_prior(False, False) == default_prior(False, True) == DEFAULT_PRIOR
+    assert default_prior(True, False) == SAMPLED_PRIOR == 1.0
+    assert default_prior(True, True) == SAMPLED_UNIFORM_PRIOR < 1.0
+    # at 1.0 the counts play no part: the weights are the (capped) prior's
+    counts = torch.rand(300, generator=torch.Generator().manual_seed(2)) * 50
+    q = rank_prior(300)
+    torch.testing.assert_close(token_weights(counts, prior=1.0, prior_distribution=q),
+                               token_weights(torch.zeros(300), prior=1.0, prior_distribution=q))
+
+
 def test_tt_weighted_steps_lower_the_weighted_error_and_row_order_is_a_permutation():
     w = _table(v=512)
     tw = token_weights(torch.rand(512, generator=torch.Generator().manual_seed(5)) ** 6 * 100,

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import compemb  # noqa: E402
 import compemb_hf  # noqa: E402
-from compemb.fit import FittedEmbedding, KroneckerLowRank  # noqa: E402
+from compemb.fit import FittedEmbedding, KroneckerLowRank, rank_prior, token_weights  # noqa: E402
 from compemb.fit.residual import residual_row_bytes  # noqa: E402
 from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
 from compemb_hf.cli import main as cli  # noqa: E402
@@ -333,7 +333,7 @@ def test_model_without_a_replaceable_embedding_and_bad_ratio_are_refused(lm):
 
 
 def test_token_prior_ranks_unseen_tokens_by_id_and_bad_priors_are_refused(tokenizer):
-    from compemb.fit import DEFAULT_PRIOR, SAMPLED_PRIOR
+    from compemb.fit import DEFAULT_PRIOR, SAMPLED_PRIOR, SAMPLED_UNIFORM_PRIOR
 
     unused = torch.arange(len(tokenizer) - 160, len(tokenizer))  # ids no text uses
     weights = {}
@@ -348,7 +348,16 @@ def test_token_prior_ranks_unseen_tokens_by_id_and_bad_priors_are_refused(tokeni
     assert bool((weights["rank"][:-1] > weights["rank"][1:]).all())  # lower id, more weight
     sampled = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), "dpq", 3, sample=64,
                                              seq_len=32, head_steps=0, progress=False)
-    assert sampled.prior == SAMPLED_PRIOR  # only the model's own text: the prior leads
+    assert sampled.prior == SAMPLED_PRIOR == 1.0  # only the model's own text: the prior leads
+    # ... so the weights are the rank prior alone (capped, mean 1), whatever was sampled
+    expected = token_weights(torch.zeros(len(tokenizer)), prior=1.0,
+                             prior_distribution=rank_prior(len(tokenizer)))
+    torch.testing.assert_close(sampled.token_weights, expected)
+    flat = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), "dpq", 3, sample=64,
+                                          seq_len=32, head_steps=0, token_prior="uniform",
+                                          progress=False)
+    assert flat.prior == SAMPLED_UNIFORM_PRIOR < 1.0  # a uniform prior leaves the counts a share
+    assert float(flat.token_weights.std()) > 0
     lm = tiny_lm(len(tokenizer))
     for bad, match in (("zipf", "token_prior must be 'rank', 'uniform'"),
                        (torch.ones(7), r"a \[259\] tensor"),
@@ -463,8 +472,10 @@ def test_cli_token_prior_reaches_the_fit(lm_dir, tmp_path, capsys, monkeypatch):
         assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                     "128", "--head-steps", "0", "--token-prior", prior,
                     "--out", str(tmp_path / prior)]) == 0
-        # only sampled text: the prior holds SAMPLED_PRIOR of the weight
-        assert f"token weights: {prior} prior, 0.85 of the weight" in capsys.readouterr().out
+        # only sampled text: the rank prior is the whole weight, a uniform one shares it
+        # with the samples' counts (compemb.fit.default_prior)
+        share = {"rank": "1", "uniform": "0.85"}[prior]
+        assert f"token weights: {prior} prior, {share} of the weight" in capsys.readouterr().out
     (_, uniform), (_, rank) = priors
     unused = slice(len(uniform) - 160, None)  # ids that the samples are unlikely to hold
     assert not torch.equal(uniform, rank)

@@ -12,8 +12,9 @@ from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
                    DPQ_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan, default_exact_share,
                    default_residual_share, plan_fit)
 from .residual import ResidualRows, allocate_bits
-from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SecondMoment, count_tokens, metric_root,
-                    check_prior, rank_prior, token_weights)
+from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SAMPLED_UNIFORM_PRIOR, SecondMoment,
+                    check_prior, count_tokens, default_prior, metric_root, rank_prior,
+                    token_weights)
 from .transform import KroneckerLowRank
 
 __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam", "fit_table", "fit_codebook", "fit_tensor_network", "prefix_order",
@@ -21,4 +22,5 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_TRANSFORM_RANK", "KroneckerLowRank", "DPQ_EXACT_SHARE", "default_exact_share",
            "SecondMoment", "count_tokens", "metric_root", "token_weights", "DEFAULT_PRIOR",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
-           "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior"]
+           "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior",
+           "SAMPLED_UNIFORM_PRIOR", "default_prior"]

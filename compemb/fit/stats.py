@@ -22,20 +22,34 @@ from torch import Tensor
 
 __all__ = ["count_tokens", "token_weights", "rank_prior", "check_prior", "SecondMoment",
            "metric_root",
-           "DEFAULT_PRIOR", "SAMPLED_PRIOR", "DEFAULT_CAP", "RANK_OFFSET", "RANK_UNIFORM"]
+           "DEFAULT_PRIOR", "SAMPLED_PRIOR", "SAMPLED_UNIFORM_PRIOR", "default_prior", "DEFAULT_CAP", "RANK_OFFSET", "RANK_UNIFORM"]
 
 #: Share of the total weight given to the prior (every row, seen or not).
 DEFAULT_PRIOR = 0.3
-#: The prior's share when the only calibration text is sampled from the model itself: its
-#: counts say less about any user's text than the user's own text does (measured: see
+#: The prior's share when the only calibration text is sampled from the model itself and the
+#: prior is informative (:func:`rank_prior` or a given distribution): the weights are the
+#: prior alone, the samples' counts unused (their head inputs still feed the fit). The
+#: samples' counts say less about a user's text than the tokenizer's ranks do (measured: see
 #: :func:`rank_prior`).
-SAMPLED_PRIOR = 0.85
+SAMPLED_PRIOR = 1.0
+#: The same with a uniform prior, which knows nothing of frequency: the samples' counts keep
+#: a share.
+SAMPLED_UNIFORM_PRIOR = 0.85
 #: :func:`rank_prior`: the Zipf law's offset (ids below it weigh about the same; the
 #: special, byte and first-merge tokens) and the share spread uniformly over all rows.
 RANK_OFFSET = 200.0
 RANK_UNIFORM = 0.3
 #: Largest weight of one row, in units of the mean weight (1).
 DEFAULT_CAP = 30.0
+
+
+def default_prior(only_sampled: bool, uniform: bool) -> float:
+    """The prior's share for :func:`token_weights` when none is given: :data:`DEFAULT_PRIOR`
+    when there is user text (its counts lead), else :data:`SAMPLED_PRIOR` (an informative
+    prior, e.g. :func:`rank_prior`) or :data:`SAMPLED_UNIFORM_PRIOR` (``uniform``)."""
+    if not only_sampled:
+        return DEFAULT_PRIOR
+    return SAMPLED_UNIFORM_PRIOR if uniform else SAMPLED_PRIOR
 
 
 def rank_prior(num_embeddings: int, offset: float = RANK_OFFSET, exponent: float = 1.0,
@@ -54,7 +68,9 @@ def rank_prior(num_embeddings: int, offset: float = RANK_OFFSET, exponent: float
     against dense), calibrated on 8k sampled tokens only, fit only: uniform prior 0.3
     +8.4 / +9.1 / +11.3%, this prior at 0.5 (``uniform`` 0.4) +7.1 / +8.1 / +10.3%, at 0.7
     +6.9 / +6.7 / +9.7%; with the head fit: uniform 0.3 +7.4 / +6.9 / +10.1%, this prior at
-    0.7 +6.1 / +5.2 / +8.9%, at 0.85 (:data:`SAMPLED_PRIOR`) +5.9 / +5.8 / +7.3%. On PTB
+    0.7 +6.1 / +5.2 / +8.9%, at 0.85 +5.9 / +5.8 / +7.3% (two seeds in the benchmark:
+    +5.9 / +5.7 / +7.2%, +5.8 / +5.4 / +8.3%), at 1.0 (:data:`SAMPLED_PRIOR`: the samples'
+    counts unused) +4.5 / +4.2 / +8.5% and +4.7 / +5.0 / +7.6%. On PTB
     plus the samples, fit only: uniform +1.2 / +8.3 / +8.4%, this prior at 0.5 (``uniform``
     0.4) +1.6 / +8.3 / +7.9%, at 0.7 +2.6 / +6.9 / +9.2%: with only sampled text the counts
     say little and the prior helps everywhere; with the user's text a larger prior trades
