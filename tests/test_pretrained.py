@@ -64,6 +64,13 @@ def lm_dir(tmp_path_factory, tokenizer):
     return path
 
 
+def _safetensors_data_bytes(path) -> int:
+    """Bytes of a safetensors file's tensors: the file less its 8-byte length and header."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return os.path.getsize(path) - 8 - header
+
+
 def _logits(model, tokenizer, text=TEXT[:90]):
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -93,11 +100,11 @@ def test_compress_pretrained_fits_saves_small_and_reloads(method, transform_rank
     assert report.embedding_ratio >= 3 and result.plan.ratio >= 3
     assert set(result.sources) == {"texts", "sampled"}
     lm.save_pretrained(tmp_path / "out")
-    # the checkpoint shrinks by about the bytes the table saved
-    dense_file = os.path.getsize(dense_dir / "model.safetensors")
-    small_file = os.path.getsize(tmp_path / "out" / "model.safetensors")
+    # the checkpoint's tensors shrink by the bytes the table saved (the JSON header, which
+    # names every tensor, aside)
     saved = report.embedding_dense_bytes - report.embedding_stored_bytes
-    assert dense_file - small_file == pytest.approx(saved, abs=1024)  # + the safetensors header
+    dense_data = _safetensors_data_bytes(dense_dir / "model.safetensors")
+    assert dense_data - _safetensors_data_bytes(tmp_path / "out" / "model.safetensors") == saved
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
     if method == "dpq":  # stored as codes, not as the training form's query table
@@ -132,8 +139,9 @@ def test_a_trained_padding_row_is_compressed_like_any_row_and_reloads(method, to
         rows = model.get_input_embeddings()(torch.arange(len(tokenizer)))
         eos_logit = model.lm_head(torch.randn(4, 16))[:, 2]
     err = (rows - dense_rows).norm(dim=1) / dense_rows.norm(dim=1)
-    # fitted like the others (a zero row's error would be 1)
-    assert float(err[2]) < min(1.0, 1.5 * float(err.median()))
+    # fitted like the others, not zeroed (a tiny random table is hard for TT: its rows'
+    # errors are near 1 at this ratio, so the row's norm tells there)
+    assert float(rows[2].norm()) > 0 and float(err[2]) < 1.5 * float(err.median())
     assert bool((eos_logit != 0).all())
     model.save_pretrained(tmp_path / "out")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
