@@ -321,6 +321,7 @@ def run_causal(args) -> None:
                    "residual_share": (default_residual_share(method) if args.residual_share is None
                                       else args.residual_share),
                    "token_prior": args.token_prior, "prior": result.prior,
+                   "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -387,6 +388,7 @@ def run_minilm(args) -> None:
                "residual_share": (default_residual_share(method) if args.residual_share is None
                                   else args.residual_share),
                "token_prior": args.token_prior, "prior": result.prior,
+               "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
                "seconds": {**result.seconds, "total": time.monotonic() - t},
@@ -520,6 +522,8 @@ def markdown(path: Path) -> str:
                 cal += f", residual rows {r['residual_share']:g}"
             if r.get("token_prior") == "rank":  # rows without the field: uniform prior 0.3
                 cal += f", rank prior {r['prior']:g}"
+            if r.get("padding_row") == "stored":  # rows without the field: padding row
+                cal += ", padding row kept"  # zeroed (SmolLM2's pad is EOS)
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:
