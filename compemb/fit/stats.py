@@ -22,7 +22,8 @@ from torch import Tensor
 
 __all__ = ["count_tokens", "token_weights", "rank_prior", "check_prior", "SecondMoment",
            "metric_root",
-           "DEFAULT_PRIOR", "SAMPLED_PRIOR", "SAMPLED_UNIFORM_PRIOR", "default_prior", "DEFAULT_CAP", "RANK_OFFSET", "RANK_UNIFORM"]
+           "DEFAULT_PRIOR", "SAMPLED_PRIOR", "SAMPLED_UNIFORM_PRIOR", "default_prior",
+           "DEFAULT_CAP", "RANK_OFFSET", "RANK_UNIFORM"]
 
 #: Share of the total weight given to the prior (every row, seen or not).
 DEFAULT_PRIOR = 0.3
