@@ -572,6 +572,8 @@ def rows_not_run(path: Path, minutes: float = 10.0) -> List[str]:
 
 
 def main(argv=None) -> None:
+    from compemb_hf.pretrained import TOKEN_PRIORS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
     parser.add_argument("--rows", nargs="*", help="rtn:BITS:row|g32 and METHOD:RATIO:SOURCE:MINUTES "
@@ -584,7 +586,7 @@ def main(argv=None) -> None:
     parser.add_argument("--residual-share", type=float, default=None,
                         help="share of each table's bytes for residual rows (default: "
                              "compress_pretrained's; 0: none, as before 2026-12-06 16:30 UTC)")
-    parser.add_argument("--token-prior", choices=["rank", "uniform"], default="rank",
+    parser.add_argument("--token-prior", choices=TOKEN_PRIORS, default=TOKEN_PRIORS[0],
                         help="prior of the token weights (default: compress_pretrained's, "
                              "'rank'; 'uniform': the only one before 2026-12-06 18:15 UTC)")
     parser.add_argument("--head-steps", type=int, default=None,

@@ -271,6 +271,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from compemb.fit import DEFAULT_TRANSFORM_RANK
 
+    from .pretrained import TOKEN_PRIORS
+
     parser = argparse.ArgumentParser(prog="compemb", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a saved transformers model")
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the bytes for residual rows: the rows that cost most get "
                         "the base's residual at 2-8 bits per dimension (default: 0.05 for "
                         "dpq, 0.85 for tt/tr)")
-    c.add_argument("--token-prior", choices=["rank", "uniform"], default="rank",
+    c.add_argument("--token-prior", choices=TOKEN_PRIORS, default=TOKEN_PRIORS[0],
                    help="what the calibration text's token counts are blended with, so that "
                         "tokens it lacks keep a usable row: 'rank' (default) assumes lower "
                         "token ids are more frequent, as tokenizers number their tokens; "

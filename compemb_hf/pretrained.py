@@ -36,7 +36,12 @@ from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationRes
 from .config import CompressedEmbeddingConfig
 from .surgery import apply_surgery, is_compressed, plan_surgery
 
-__all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT", "HEAD_STEPS"]
+__all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT", "HEAD_STEPS",
+           "TOKEN_PRIORS"]
+
+#: The token priors ``compress_pretrained(token_prior=...)`` takes by name (or a ``[V]``
+#: tensor); the first is the default.
+TOKEN_PRIORS = ("rank", "uniform")
 
 #: Weight of plain L2 beside the head's metric for a tied table (whose rows are also read
 #: by the input side); an untied head gets a tenth of it.
@@ -263,8 +268,8 @@ def _token_prior(token_prior: Union[str, torch.Tensor], num_embeddings: int
         return rank_prior(num_embeddings)
     if token_prior == "uniform":
         return None
-    raise ValueError(f"token_prior must be 'rank', 'uniform' or a [{num_embeddings}] tensor, "
-                     f"got {token_prior!r:.80}")
+    raise ValueError(f"token_prior must be {', '.join(map(repr, TOKEN_PRIORS))} or a "
+                     f"[{num_embeddings}] tensor, got {token_prior!r:.80}")
 
 
 def _dense_head(model: nn.Module):

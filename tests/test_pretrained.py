@@ -121,12 +121,14 @@ def test_a_trained_padding_row_is_compressed_like_any_row_and_reloads(method, to
     predict EOS (its logit stuck at 0: p ~ 1e-15 where the dense model gives 1e-5)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    def llama_config():  # a new one per model: compressing a model marks its config
+        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=2)
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(llama_config()).eval()
     assert model.get_input_embeddings().padding_idx == 2
     with torch.no_grad():  # a trained model's EOS row
         model.get_input_embeddings().weight[2] = torch.randn(16) * 0.02
@@ -150,7 +152,7 @@ def test_a_trained_padding_row_is_compressed_like_any_row_and_reloads(method, to
         torch.testing.assert_close(back.get_input_embeddings()(torch.tensor([2])), rows[2:3])
     # a padding row that is zero (as a fresh nn.Embedding's) stays an always-zero row
     torch.manual_seed(0)
-    fresh = LlamaForCausalLM(cfg).eval()
+    fresh = LlamaForCausalLM(llama_config()).eval()
     assert bool((fresh.get_input_embeddings().weight[2] == 0).all())
     compemb_hf.compress_pretrained(fresh, method, 3, tokenizer=tokenizer, texts=TEXT, sample=0,
                                    seq_len=32, head_steps=0, progress=False)
@@ -159,6 +161,23 @@ def test_a_trained_padding_row_is_compressed_like_any_row_and_reloads(method, to
         assert bool((fresh.get_input_embeddings()(torch.tensor([2])) == 0).all())
     with pytest.raises(ValueError, match="padding_row must be one of"):
         compemb_hf.CompressedEmbeddingConfig("dpq", padding_row="keep")
+    # the same rule through from_pretrained(quantization_config=...), recorded in its checkpoint
+    torch.manual_seed(0)
+    trained = LlamaForCausalLM(llama_config()).eval()
+    with torch.no_grad():
+        trained.get_input_embeddings().weight[2] = torch.randn(16) * 0.02
+    trained.save_pretrained(tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=compemb_hf.CompressedEmbeddingConfig(method))
+    assert loaded.config.quantization_config.padding_row == "stored"
+    with torch.no_grad():
+        row = loaded.get_input_embeddings()(torch.tensor([2]))
+    assert float(row.norm()) > 0
+    loaded.save_pretrained(tmp_path / "loaded")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")
+    assert again.config.quantization_config.padding_row == "stored"
+    with torch.no_grad():
+        torch.testing.assert_close(again.get_input_embeddings()(torch.tensor([2])), row)
 
 
 def test_untied_head_gets_its_own_table_fitted_in_the_head_metric(tokenizer):
