@@ -322,6 +322,7 @@ def run_causal(args) -> None:
                                       else args.residual_share),
                    "token_prior": args.token_prior, "prior": result.prior,
                    "padding_row": getattr(model.config.quantization_config, "padding_row", None),
+                   "row_scale": result.plan.row_scale,
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -524,6 +525,8 @@ def markdown(path: Path) -> str:
                 cal += f", rank prior {r['prior']:g}"
             if r.get("padding_row") == "stored":  # rows without the field: padding row
                 cal += ", padding row kept"  # zeroed (SmolLM2's pad is EOS)
+            if r.get("row_scale"):  # rows without the field had none
+                cal += ", row scale"
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:

@@ -126,7 +126,7 @@ def _dense_table_shape(model_dir: str):
 def cmd_compress_ratio(args: argparse.Namespace) -> int:
     """``--ratio``: post-training compression fitted to the model (compress_pretrained)."""
     import compemb
-    from compemb.fit import plan_fit
+    from compemb.fit import default_row_scale, plan_fit
 
     from .calibration import SAMPLE_OPENERS, can_sample, read_sources, sources_from_texts
     from .pretrained import compress_pretrained
@@ -154,7 +154,9 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
                  transform_rank=transform_rank, exact_share=args.exact_share,
-                 residual_share=args.residual_share)
+                 residual_share=args.residual_share,
+                 row_scale=shape[3] and (default_row_scale(not args.calibration_text)
+                                         if args.row_scale is None else args.row_scale))
     sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer
@@ -184,7 +186,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         progress=not args.quiet, row_order=args.row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
         exact_share=args.exact_share, residual_share=args.residual_share,
-        token_prior=args.token_prior)
+        token_prior=args.token_prior, row_scale=args.row_scale)
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
         print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))
@@ -326,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens it lacks keep a usable row: 'rank' (default) assumes lower "
                         "token ids are more frequent, as tokenizers number their tokens; "
                         "'uniform' gives every token the same floor")
+    c.add_argument("--row-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="a per-token row factor at 8 bits in the head's table, against the "
+                        "quantised rows' shrinkage (default: on without --calibration-text, "
+                        "off with it, where the head fit tunes the rows to that text)")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),

@@ -66,7 +66,9 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             the transform is a Kronecker product plus that rank
             (:class:`compemb.fit.KroneckerLowRank`), and ``"residual_rows": {"input" |
             "head": {"bits": rows}}`` for tables with residual rows
-            (:class:`compemb.fit.residual.ResidualRows`). ``None``: plain layers.
+            (:class:`compemb.fit.residual.ResidualRows`), and ``"row_scale": True`` when
+            the head's table stores a per-token row scale
+            (:meth:`compemb.fit.FittedEmbedding.set_row_scale`). ``None``: plain layers.
         padding_row: how the compressed tables treat the embedding's ``padding_idx`` row:
             ``"zero"`` (a row that is always zero, as a freshly initialised
             ``nn.Embedding``'s) or ``"stored"`` (an ordinary row, compressed like the
@@ -142,7 +144,7 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.fit is not None:
             keys = {"transform": bool, "exact_rows": int, "row_order": bool, "logit_bias": bool}
-            optional = {"transform_rank": int, "residual_rows": dict}
+            optional = {"transform_rank": int, "residual_rows": dict, "row_scale": bool}
             if (not isinstance(self.fit, dict) or not set(keys) <= set(self.fit)
                     or not set(self.fit) <= set(keys) | set(optional)
                     or any(not isinstance(self.fit[k], t) or isinstance(self.fit[k], bool) != (t is bool)
@@ -150,8 +152,8 @@ class CompressedEmbeddingConfig(QuantizationConfigMixin):
                            for k, t in {**keys, **optional}.items() if k in self.fit)):
                 raise ValueError(f"fit must be None or a dict {{'transform': bool, "
                                  f"'exact_rows': int >= 0, 'row_order': bool, 'logit_bias': "
-                                 f"bool}}, optionally with 'transform_rank': int >= 0 and "
-                                 f"'residual_rows', got {self.fit!r}")
+                                 f"bool}}, optionally with 'transform_rank': int >= 0, "
+                                 f"'residual_rows' and 'row_scale': bool, got {self.fit!r}")
             rows = self.fit.get("residual_rows", {})
             if not all(role in ("input", "head") and isinstance(per, dict) and all(
                     isinstance(b, str) and b.isdigit() and 1 <= int(b) <= 8

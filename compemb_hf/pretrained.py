@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
-                         fit_head, fit_table, metric_root, plan_fit, rank_prior, token_weights)
+                         default_row_scale,
+                         fit_head, fit_table, metric_root, plan_fit, rank_prior, shrinkage_scale,
+                         token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -88,6 +90,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         head_steps: Optional[int] = None,
                         transform_rank: Optional[int] = DEFAULT_TRANSFORM_RANK,
                         residual_share: Optional[float] = None,
+                        row_scale: Optional[bool] = None,
                         progress: bool = True) -> PretrainedCompression:
     """Compress ``model``'s vocabulary tables (input embedding and LM head, tied or not) to
     ``ratio`` times fewer bytes, fitted to the model, in place; the model is then marked
@@ -113,6 +116,14 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             most get the base's residual at 2-8 bits per dimension
             (:class:`compemb.fit.residual.ResidualRows`; default
             :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.85 for TT/TR).
+        row_scale: the table that serves as the head stores a per-token row factor at 8
+            bits (``V + 8`` bytes, taken from the budget), set after the head fit from the
+            rows' shrinkage (:func:`compemb.fit.shrinkage_scale`): a quantised row is
+            shorter along its dense row, so its token's logit falls exactly where the
+            context predicts it. Not trained afterwards. ``None`` (default,
+            :func:`compemb.fit.default_row_scale`): only when there is no user text (all
+            of it sampled), since with it the head fit already tunes the rows to the
+            user's domain, which the scale would cost.
         row_order: TT/TR: place similar rows under shared index prefixes.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
@@ -154,10 +165,12 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     v, d = int(weight.shape[0]), int(weight.shape[1])
     prior_distribution = _token_prior(token_prior, v)
     has_head = layout.output in ("tied", "untied")
+    if row_scale is None:  # no user text: all of it will be sampled
+        row_scale = default_row_scale(texts is None and all(s.sampled for s in sources or []))
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
                         exact_share=exact_share, transform_rank=transform_rank,
-                        residual_share=residual_share)
+                        residual_share=residual_share, row_scale=has_head and bool(row_scale))
     if sample is None:
         sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
     sources = list(sources or [])
@@ -209,7 +222,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         fit={"transform": fit_plan.transform, "exact_rows": fit_plan.num_exact,
              "row_order": fit_plan.row_order, "logit_bias": fit_plan.logit_bias,
              **({"transform_rank": fit_plan.transform_rank}
-                if fit_plan.transform_rank is not None else {})})
+                if fit_plan.transform_rank is not None else {}),
+             **({"row_scale": True} if fit_plan.row_scale else {})})
 
     def build(path: str, table: torch.Tensor, padding_idx: Optional[int], role: str):
         metric = metrics[role]
@@ -246,6 +260,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         result.head_fit = _fit_head(model, dense_head, head_inputs, head_steps, deadline, seed,
                                     progress)
         seconds["head fit"] = time.monotonic() - t
+    if fit_plan.row_scale:
+        _set_row_scale(model, dense_head[0], mean)
     del dense_head
     if teacher is not None:
         left = None if deadline is None else (deadline - time.monotonic()) / 60.0
@@ -278,6 +294,16 @@ def _dense_head(model: nn.Module):
     weight = head.weight.detach().clone()
     bias = getattr(head, "bias", None)
     return weight, None if bias is None else bias.detach().clone()
+
+
+@torch.no_grad()
+def _set_row_scale(model: nn.Module, dense_weight: torch.Tensor,
+                   head_mean: Optional[torch.Tensor]) -> None:
+    """The head table's row scale from its rows' shrinkage against ``dense_weight``, the
+    logits at the mean head input kept (when it is known)."""
+    table = model.get_output_embeddings().table
+    table.set_row_scale(shrinkage_scale(table.materialize(), dense_weight),
+                        head_mean=head_mean if table.logit_bias is not None else None)
 
 
 def _fit_head(model: nn.Module, dense_head, head_inputs, steps: int, deadline: Optional[float],

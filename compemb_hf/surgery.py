@@ -216,7 +216,9 @@ def _build_table(config: CompressedEmbeddingConfig, weight: Tensor, padding_idx:
                                           logit_bias=config.fit["logit_bias"] and head,
                                           transform_rank=config.fit.get("transform_rank"),
                                           residual_counts=config.fit.get("residual_rows", {})
-                                          .get(role))
+                                          .get(role),
+                                          row_scale=config.fit.get("row_scale", False)
+                                          and head)
         return layer.to(weight.device) if weight.device.type == "meta" else layer
     if config.form == "codebook":
         return _build_codebook(config, weight, padding_idx, from_weights)

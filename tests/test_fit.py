@@ -327,6 +327,87 @@ def test_logit_bias_cancels_each_rows_error_along_the_head_mean():
         fit_table(w, spec, head_mean=torch.zeros(3))
 
 
+def test_shrinkage_scale_is_the_documented_power_of_each_rows_projection():
+    from compemb.fit import ROW_SCALE_POWER, shrinkage_scale
+
+    w = _table(v=5, d=4)
+    w[3] = 0
+    fitted = w * torch.tensor([0.81, 1.0, 0.64, 1.0, 0.9]).unsqueeze(1)
+    fitted[4] += 0.3 * torch.linalg.norm(w[4]) * torch.nn.functional.normalize(
+        torch.tensor([w[4, 1], -w[4, 0], 0.0, 0.0]), dim=0)  # orthogonal: no projection
+    scale = shrinkage_scale(fitted, w)
+    assert ROW_SCALE_POWER == 0.5
+    torch.testing.assert_close(scale, torch.tensor([1 / 0.9, 1.0, 1 / 0.8, 1.0, 0.9 ** -0.5]))
+    assert shrinkage_scale(w * 0.01, w)[0] == pytest.approx(0.5 ** -0.5)  # clamped
+    assert shrinkage_scale(fitted, w, power=1.0)[0] == pytest.approx(1 / 0.81)
+    with pytest.raises(ValueError, match="same"):
+        shrinkage_scale(w[:3], w)
+
+
+def test_row_scale_scales_the_fitted_rows_everywhere_at_8_bits_and_round_trips():
+    w = _table()
+    mu = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    spec = EmbeddingSpec("dpq", {"num_codes": 4, "num_groups": 4})
+    layer = fit_table(w, spec, head_mean=mu, num_exact=5)
+    assert layer.row_scale() is None
+    rows = layer.materialize().detach()
+    exact = layer.exact_ids.long()
+    h = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    scale = torch.linspace(0.9, 1.3, 600)
+    layer.set_row_scale(scale)
+    assert layer.row_scale_codes.dtype == torch.uint8
+    got = layer.row_scale()
+    assert (got - scale).abs().max() <= 0.4 / 255 / 2 + 1e-6  # 8 bits
+    want = rows * got.unsqueeze(1)
+    want[exact] = w[exact]  # exact rows stay exact
+    torch.testing.assert_close(layer.materialize(), want)
+    ids = torch.tensor([[0, 7], [int(exact[0]), 599]])
+    torch.testing.assert_close(layer(ids), want[ids])
+    torch.testing.assert_close(layer.logits(h), h @ want.T + layer.logit_bias, rtol=1e-5,
+                               atol=1e-5)
+    plain = fit_table(w, spec, head_mean=mu, num_exact=5)
+    assert layer.storage().stored_bytes == plain.storage().stored_bytes + 600 + 8
+    assert "row scale" in layer.storage().shape
+    # a checkpoint loads into the empty structure, and the inference form keeps it
+    empty = FittedEmbedding.empty(fit_table(w, spec).base, transform=True, num_exact=5,
+                                  row_index=False, logit_bias=True, row_scale=True)
+    empty.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(empty.logits(h), layer.logits(h))
+    torch.testing.assert_close(empty(ids), layer(ids))
+    torch.testing.assert_close(layer.export().logits(h), layer.logits(h))
+    for bad, match in [(torch.ones(5), r"\[600\]"), (-scale, "positive"),
+                       (scale * float("nan"), "positive and finite"), ([1.0] * 600, "tensor")]:
+        with pytest.raises(ValueError, match=match):
+            layer.set_row_scale(bad)
+    with pytest.raises(ValueError, match="logit bias"):
+        fit_table(w, spec).set_row_scale(scale, head_mean=mu.float())
+    with pytest.raises(ValueError, match="head_mean"):
+        layer.set_row_scale(scale, head_mean=torch.zeros(3))
+    torch.testing.assert_close(layer.row_scale(), got)  # refused: unchanged
+    # with the head's mean input, the logits there stay as they were (also when a scale is
+    # replaced), and only the context-dependent part is scaled
+    centred = fit_table(w, spec, head_mean=mu, num_exact=5)
+    m = mu.float().unsqueeze(0)
+    at_mean = centred.logits(m).detach()
+    bias = centred.logit_bias.detach().clone()
+    for s in (scale, scale.flip(0)):
+        centred.set_row_scale(s, head_mean=mu.float())
+        torch.testing.assert_close(centred.logits(m), at_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(centred.logit_bias[exact], bias[exact])  # not scaled there
+    torch.testing.assert_close(centred.logits(h) - centred.logits(m),
+                               (h - m) @ centred.materialize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_fit_pays_for_the_row_scale_from_the_same_budget():
+    without = plan_fit(49152, 576, "dpq", 10, logit_bias=True, transform_rank=32)
+    with_scale = plan_fit(49152, 576, "dpq", 10, logit_bias=True, transform_rank=32,
+                          row_scale=True)
+    assert with_scale.row_scale and "row scale" in with_scale.describe()
+    assert with_scale.stored_bytes <= with_scale.dense_bytes / 10
+    assert with_scale.spec == without.spec
+    assert with_scale.residual_bytes == without.residual_bytes - 49152 - 8
+
+
 # ---------------------------------------------------------------------------- head fit
 def _head_case(seed=7):
     from compemb.fit.head import head_kl

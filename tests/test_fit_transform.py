@@ -161,7 +161,8 @@ def test_planned_storage_matches_the_built_layer_with_a_low_rank_transform():
 @pytest.mark.parametrize("method", ["dpq", "tt"])
 def test_a_fitted_table_exports_and_matches_eager(method, transform_rank):
     """torch.export of a fitted table's lookup and logits (exact rows, residual rows, logit
-    bias, either transform; DPQ as codes): the exported program gives the eager numbers."""
+    bias, row scale, either transform; DPQ as codes): the exported program gives the eager
+    numbers."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 16, generator=g)
     spec = (EmbeddingSpec("dpq", {"num_codes": 16, "num_groups": 8}) if method == "dpq"
@@ -170,6 +171,7 @@ def test_a_fitted_table_exports_and_matches_eager(method, transform_rank):
                       transform_rank=transform_rank, head_mean=torch.randn(16, generator=g),
                       residual_bytes=1500).eval()
     assert layer.residual is not None and layer.residual.ids.numel() > 0
+    layer.set_row_scale(torch.rand(300, generator=g) * 0.2 + 0.95)
 
     class Both(torch.nn.Module):
         def __init__(self):

@@ -210,6 +210,44 @@ def test_an_untied_model_saves_and_reloads_the_residual_rows_of_both_tables(toke
 
 
 @pytest.mark.parametrize("tied", [True, False])
+def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokenizer, tied,
+                                                                        tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compemb.fit import shrinkage_scale
+
+    lm = tiny_lm(len(tokenizer), tied=tied)
+    dense_head = lm.lm_head.weight.detach().clone()
+    v = dense_head.shape[0]
+    result = compemb_hf.compress_pretrained(lm, "dpq", 3, tokenizer=tokenizer, texts=TEXT,
+                                            sample=0, seq_len=32, head_steps=5, row_scale=True,
+                                            progress=False)
+    table = lm.lm_head.table
+    scale = table.row_scale()
+    assert result.plan.row_scale and lm.config.quantization_config.fit["row_scale"] is True
+    unscaled = table.materialize().detach() / scale.unsqueeze(1)
+    step = float(scale.max() - scale.min()) / 255
+    assert (scale - shrinkage_scale(unscaled, dense_head)).abs().max() <= step / 2 + 1e-5
+    assert float(scale.median()) > 1  # quantised rows are shorter along their dense rows
+    if not tied:
+        assert lm.get_input_embeddings().row_scale() is None  # the input side has none
+    lm.save_pretrained(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(back.lm_head.table.row_scale(), scale)
+    torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
+    off = tiny_lm(len(tokenizer), tied=tied)
+    plain = compemb_hf.compress_pretrained(off, "dpq", 3, tokenizer=tokenizer, texts=TEXT,
+                                           sample=0, seq_len=32, head_steps=5, progress=False)
+    assert off.lm_head.table.row_scale() is None and not plain.plan.row_scale  # user text
+    assert "row_scale" not in off.config.quantization_config.fit
+    assert plain.plan.residual_bytes == result.plan.residual_bytes + v + 8  # its bytes
+    sampled = tiny_lm(len(tokenizer), tied=tied)  # no user text: on by default
+    auto = compemb_hf.compress_pretrained(sampled, "dpq", 3, tokenizer=tokenizer, sample=64,
+                                          seq_len=32, head_steps=0, progress=False)
+    assert auto.plan.row_scale and sampled.lm_head.table.row_scale() is not None
+
+
+@pytest.mark.parametrize("tied", [True, False])
 def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(tokenizer, tied):
     import copy
 
@@ -502,8 +540,15 @@ def test_cli_token_prior_reaches_the_fit(lm_dir, tmp_path, capsys, monkeypatch):
         # only sampled text: the rank prior is the whole weight, a uniform one shares it
         # with the samples' counts (compemb.fit.default_prior)
         share = {"rank": "1", "uniform": "0.85"}[prior]
-        assert f"token weights: {prior} prior, {share} of the weight" in capsys.readouterr().out
-    (_, uniform), (_, rank) = priors
+        out = capsys.readouterr().out
+        assert f"token weights: {prior} prior, {share} of the weight" in out
+        assert "logit bias, row scale" in out  # the planner's line: on by default
+    assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
+                "128", "--head-steps", "0", "--no-row-scale", "--out", str(tmp_path / "plain")]) == 0
+    assert "row scale" not in capsys.readouterr().out  # the planner's line
+    assert "row_scale" not in json.loads((tmp_path / "plain" / "config.json").read_text())[
+        "quantization_config"]["fit"]
+    (_, uniform), (_, rank) = priors[:2]
     unused = slice(len(uniform) - 160, None)  # ids that the samples are unlikely to hold
     assert not torch.equal(uniform, rank)
     assert float(rank[unused].mean()) < float(uniform[unused].mean())  # the rarest ids
