@@ -155,7 +155,8 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
                  transform_rank=transform_rank, exact_share=args.exact_share,
                  residual_share=args.residual_share,
-                 row_scale=shape[3] and (default_row_scale(not args.calibration_text)
+                 row_scale=shape[3] and (default_row_scale(not args.calibration_text,
+                                                           args.method)
                                          if args.row_scale is None else args.row_scale))
     sources = tokenizer = None
     if texts is not None:
@@ -330,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'uniform' gives every token the same floor")
     c.add_argument("--row-scale", action=argparse.BooleanOptionalAction, default=None,
                    help="a per-token row factor at 8 bits in the head's table, against the "
-                        "quantised rows' shrinkage (default: on without --calibration-text, "
-                        "off with it, where the head fit tunes the rows to that text)")
+                        "quantised rows' shrinkage (default: on for dpq without "
+                        "--calibration-text, off with it, where the head fit tunes the rows "
+                        "to that text, and off for tt/tr)")
     c.add_argument("--row-order", action="store_true",
                    help="TT/TR: reorder rows so that similar ones share index prefixes")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),

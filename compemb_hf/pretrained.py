@@ -121,9 +121,9 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             rows' shrinkage (:func:`compemb.fit.shrinkage_scale`): a quantised row is
             shorter along its dense row, so its token's logit falls exactly where the
             context predicts it. Not trained afterwards. ``None`` (default,
-            :func:`compemb.fit.default_row_scale`): only when there is no user text (all
+            :func:`compemb.fit.default_row_scale`): for DPQ when there is no user text (all
             of it sampled), since with it the head fit already tunes the rows to the
-            user's domain, which the scale would cost.
+            user's domain, which the scale would cost (and TT measured no gain).
         row_order: TT/TR: place similar rows under shared index prefixes.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
@@ -166,7 +166,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     prior_distribution = _token_prior(token_prior, v)
     has_head = layout.output in ("tied", "untied")
     if row_scale is None:  # no user text: all of it will be sampled
-        row_scale = default_row_scale(texts is None and all(s.sampled for s in sources or []))
+        row_scale = default_row_scale(texts is None and all(s.sampled for s in sources or []),
+                                      method)
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
                         exact_share=exact_share, transform_rank=transform_rank,

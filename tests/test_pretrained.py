@@ -245,6 +245,10 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
     auto = compemb_hf.compress_pretrained(sampled, "dpq", 3, tokenizer=tokenizer, sample=64,
                                           seq_len=32, head_steps=0, progress=False)
     assert auto.plan.row_scale and sampled.lm_head.table.row_scale() is not None
+    tt = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "tt", 3,
+                                        tokenizer=tokenizer, sample=64, seq_len=32,
+                                        head_steps=0, progress=False)
+    assert not tt.plan.row_scale  # TT: measured no gain
 
 
 @pytest.mark.parametrize("tied", [True, False])

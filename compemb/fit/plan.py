@@ -58,19 +58,22 @@ def default_residual_share(method: str) -> float:
     return DPQ_RESIDUAL_SHARE if method == "dpq" else TT_RESIDUAL_SHARE
 
 
-def default_row_scale(only_sampled: bool) -> bool:
+def default_row_scale(only_sampled: bool, method: str = "dpq") -> bool:
     """Whether a head's table gets a row scale
-    (:meth:`compemb.fit.FittedEmbedding.set_row_scale`) when none is asked for: when all the
-    calibration text is sampled from the model (no user text).
+    (:meth:`compemb.fit.FittedEmbedding.set_row_scale`) when none is asked for: for DPQ when
+    all the calibration text is sampled from the model (no user text).
 
     Why: the head fit tunes the rows to the head inputs of the calibration text, which
     makes up for the quantised rows' shrinkage in the user's domain; the scale then helps
-    the other domains and costs the user's. Measured on SmolLM2-135M, DPQ 10x, after the
-    head fit (perplexity on PTB / Python / legal against dense): sampled text only,
-    +4.8 / +5.5 / +5.7% without it, +4.6 / +4.6 / +5.1% with it (second seed +5.5 / +6.1 /
-    +8.0% and +4.8 / +5.0 / +7.2%); PTB text plus samples +1.9 / +7.0 / +7.9% without it,
-    +2.8 / +5.7 / +7.3% with it (set before the head fit instead: +2.3 / +6.0 / +7.4%)."""
-    return bool(only_sampled)
+    the other domains and costs the user's. Measured on SmolLM2-135M, 10x, after the head
+    fit (perplexity on PTB / Python / legal against dense): DPQ, sampled text only, +4.8 /
+    +5.4 / +5.8% without it, +4.8 / +4.5 / +5.3% with it (second seed +5.5 / +6.1 / +8.0%
+    and +4.8 / +5.1 / +7.5%); DPQ, PTB text plus samples, +1.9 / +7.0 / +7.9% without it,
+    +2.8 / +5.7 / +7.3% with it (set before the head fit instead: +2.3 / +6.0 / +7.4%;
+    scaled only as far as the token's weight comes from the prior, not the text: +2.7 /
+    +6.1 / +7.4%); TT (mostly residual rows over a rank-34 TT), sampled text only, +20.8 /
+    +23.4 / +28.6% without it, +22.1 / +23.3 / +29.5% with it."""
+    return bool(only_sampled) and method == "dpq"
 
 
 #: Rank of the transform kept as a Kronecker product plus a low rank
