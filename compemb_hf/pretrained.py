@@ -165,13 +165,16 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     v, d = int(weight.shape[0]), int(weight.shape[1])
     prior_distribution = _token_prior(token_prior, v)
     has_head = layout.output in ("tied", "untied")
+    if row_scale is not None and not isinstance(row_scale, bool):
+        raise ValueError(f"row_scale must be True, False or None (the default rule), got "
+                         f"{row_scale!r}")
     if row_scale is None:  # no user text: all of it will be sampled
         row_scale = default_row_scale(texts is None and all(s.sampled for s in sources or []),
                                       method)
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
                         exact_share=exact_share, transform_rank=transform_rank,
-                        residual_share=residual_share, row_scale=has_head and bool(row_scale))
+                        residual_share=residual_share, row_scale=has_head and row_scale)
     if sample is None:
         sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
     sources = list(sources or [])

@@ -249,6 +249,10 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
                                         tokenizer=tokenizer, sample=64, seq_len=32,
                                         head_steps=0, progress=False)
     assert not tt.plan.row_scale  # TT: measured no gain
+    with pytest.raises(ValueError, match="row_scale must be True, False or None"):
+        compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "dpq", 3,
+                                       tokenizer=tokenizer, sample=64, row_scale="yes",
+                                       progress=False)
 
 
 @pytest.mark.parametrize("tied", [True, False])
