@@ -149,15 +149,15 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
                          f"save_pretrained")
     # every check that needs no model, before any work starts
     texts = read_sources(args.calibration_text) if args.calibration_text else None
+    row_scale = (default_row_scale(not args.calibration_text, args.method)
+                 if args.row_scale is None else args.row_scale)
     shape = _dense_table_shape(args.model_dir)
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
                  transform_rank=transform_rank, exact_share=args.exact_share,
                  residual_share=args.residual_share,
-                 row_scale=shape[3] and (default_row_scale(not args.calibration_text,
-                                                           args.method)
-                                         if args.row_scale is None else args.row_scale))
+                 row_scale=shape[3] and row_scale)
     sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer
@@ -187,7 +187,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         progress=not args.quiet, row_order=args.row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
         exact_share=args.exact_share, residual_share=args.residual_share,
-        token_prior=args.token_prior, row_scale=args.row_scale)
+        token_prior=args.token_prior, row_scale=row_scale)
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
         print("calibration text: " + ", ".join(f"{k} ({v:,} tokens)" for k, v in result.sources.items()))

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
-                         default_row_scale,
-                         fit_head, fit_table, metric_root, plan_fit, rank_prior, shrinkage_scale,
-                         token_weights)
+                         default_row_scale, fit_head, fit_table, metric_root, plan_fit,
+                         rank_prior, shrinkage_scale, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,

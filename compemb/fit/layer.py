@@ -240,12 +240,14 @@ class FittedEmbedding(nn.Module):
                 shift[self.exact_ids.long()] = 0  # exact columns are not scaled
             self.logit_bias.add_(shift.to(self.logit_bias.dtype))
 
-    def row_scale(self) -> Optional[Tensor]:
-        """``float32 [V]``: the stored row scale, or ``None`` when there is none."""
+    def row_scale(self, ids: Optional[Tensor] = None) -> Optional[Tensor]:
+        """``float32 [V]`` (or ``[...]`` for ``ids [...]``: only those rows dequantised): the
+        stored row scale, or ``None`` when there is none."""
         if self.row_scale_codes is None:
             return None
+        codes = self.row_scale_codes if ids is None else self.row_scale_codes[ids]
         lo, hi = self.row_scale_range[0].float(), self.row_scale_range[1].float()
-        return lo + self.row_scale_codes.float() * ((hi - lo) / _SCALE_LEVELS)
+        return lo + codes.float() * ((hi - lo) / _SCALE_LEVELS)
 
     # ------------------------------------------------------------------ table access
     def _slots(self, ids: Tensor) -> Tensor:
@@ -266,9 +268,9 @@ class FittedEmbedding(nn.Module):
         if self.residual is not None:
             out = self.residual.add_to_lookup(ids, out, self.num_embeddings)
         out = self._through_transform(out)
-        scale = self.row_scale()
+        scale = self.row_scale(ids)
         if scale is not None:
-            out = out * scale.to(out.dtype)[ids].unsqueeze(-1)
+            out = out * scale.to(out.dtype).unsqueeze(-1)
         if self.exact_ids is not None and self.exact_ids.numel():
             slot = self._slots(ids)
             kept = self.exact_rows.to(out.dtype)[slot.clamp_min(0)]
