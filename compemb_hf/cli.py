@@ -126,7 +126,7 @@ def _dense_table_shape(model_dir: str):
 def cmd_compress_ratio(args: argparse.Namespace) -> int:
     """``--ratio``: post-training compression fitted to the model (compress_pretrained)."""
     import compemb
-    from compemb.fit import default_row_scale, plan_fit
+    from compemb.fit import default_residual_share, default_row_scale, plan_fit
 
     from .calibration import SAMPLE_OPENERS, can_sample, read_sources, sources_from_texts
     from .pretrained import compress_pretrained
@@ -151,12 +151,14 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     texts = read_sources(args.calibration_text) if args.calibration_text else None
     row_scale = (default_row_scale(not args.calibration_text, args.method)
                  if args.row_scale is None else args.row_scale)
+    residual_share = (default_residual_share(args.method, not args.calibration_text)
+                      if args.residual_share is None else args.residual_share)
     shape = _dense_table_shape(args.model_dir)
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
                  transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
                  transform_rank=transform_rank, exact_share=args.exact_share,
-                 residual_share=args.residual_share,
+                 residual_share=residual_share,
                  row_scale=shape[3] and row_scale)
     sources = tokenizer = None
     if texts is not None:
@@ -186,7 +188,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         calibration_minutes=args.calibration_minutes, seed=args.seed,
         progress=not args.quiet, row_order=args.row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
-        exact_share=args.exact_share, residual_share=args.residual_share,
+        exact_share=args.exact_share, residual_share=residual_share,
         token_prior=args.token_prior, row_scale=row_scale)
     if not args.quiet:
         print(f"planner: {result.plan.describe()}")
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--residual-share", type=float, default=None,
                    help="share of the bytes for residual rows: the rows that cost most get "
                         "the base's residual at 2-8 bits per dimension (default: 0.05 for "
-                        "dpq, 0.85 for tt/tr)")
+                        "dpq, 0.1 without --calibration-text, 0.85 for tt/tr)")
     c.add_argument("--token-prior", choices=TOKEN_PRIORS, default=TOKEN_PRIORS[0],
                    help="what the calibration text's token counts are blended with, so that "
                         "tokens it lacks keep a usable row: 'rank' (default) assumes lower "

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
-                         default_row_scale, fit_head, fit_table, metric_root, plan_fit,
-                         rank_prior, shrinkage_scale, token_weights)
+                         default_residual_share, default_row_scale, fit_head, fit_table,
+                         metric_root, plan_fit, rank_prior, shrinkage_scale, token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -114,7 +114,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         residual_share: share of each table's bytes for residual rows: the rows that cost
             most get the base's residual at 2-8 bits per dimension
             (:class:`compemb.fit.residual.ResidualRows`; default
-            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.85 for TT/TR).
+            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.1 when there is no
+            user text (all of it sampled), 0.85 for TT/TR).
         row_scale: the table that serves as the head stores a per-token row factor at 8
             bits (``V + 8`` bytes, taken from the budget), set after the head fit from the
             rows' shrinkage (:func:`compemb.fit.shrinkage_scale`): a quantised row is
@@ -167,9 +168,11 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     if row_scale is not None and not isinstance(row_scale, bool):
         raise ValueError(f"row_scale must be True, False or None (the default rule), got "
                          f"{row_scale!r}")
-    if row_scale is None:  # no user text: all of it will be sampled
-        row_scale = default_row_scale(texts is None and all(s.sampled for s in sources or []),
-                                      method)
+    only_sampled = texts is None and all(s.sampled for s in sources or [])  # no user text
+    if row_scale is None:
+        row_scale = default_row_scale(only_sampled, method)
+    if residual_share is None:
+        residual_share = default_residual_share(method, only_sampled)
     fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
                         transform=has_head, row_order=row_order, logit_bias=has_head,
                         exact_share=exact_share, transform_rank=transform_rank,

@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 
 import compemb  # noqa: E402
 import compemb_hf  # noqa: E402
-from compemb.fit import FittedEmbedding, KroneckerLowRank, rank_prior, token_weights  # noqa: E402
+from compemb.fit import (DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE,  # noqa: E402
+                         FittedEmbedding, KroneckerLowRank, rank_prior, token_weights)
 from compemb.fit.residual import residual_row_bytes  # noqa: E402
 from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
 from compemb_hf.cli import main as cli  # noqa: E402
@@ -245,10 +246,18 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
     auto = compemb_hf.compress_pretrained(sampled, "dpq", 3, tokenizer=tokenizer, sample=64,
                                           seq_len=32, head_steps=0, progress=False)
     assert auto.plan.row_scale and sampled.lm_head.table.row_scale() is not None
+    # and a larger share for residual rows than with user text (compemb.fit.default_residual_share)
+    assert plain.plan.residual_share == DPQ_RESIDUAL_SHARE
+    assert auto.plan.residual_share == DPQ_SAMPLED_RESIDUAL_SHARE > DPQ_RESIDUAL_SHARE
+    asked = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "dpq", 3,
+                                           tokenizer=tokenizer, sample=64, seq_len=32,
+                                           head_steps=0, residual_share=0.02, progress=False)
+    assert asked.plan.residual_share == 0.02  # what is asked for wins
     tt = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "tt", 3,
                                         tokenizer=tokenizer, sample=64, seq_len=32,
                                         head_steps=0, progress=False)
     assert not tt.plan.row_scale  # TT: measured no gain
+    assert tt.plan.residual_share == TT_RESIDUAL_SHARE
     with pytest.raises(ValueError, match="row_scale must be True, False or None"):
         compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "dpq", 3,
                                        tokenizer=tokenizer, sample=64, row_scale="yes",
@@ -537,7 +546,8 @@ def test_cli_token_prior_reaches_the_fit(lm_dir, tmp_path, capsys, monkeypatch):
 
     def spy(*a, **kw):
         result = real(*a, **kw)
-        priors.append((kw["token_prior"], result.token_weights.clone()))
+        priors.append((kw["token_prior"], result.token_weights.clone(),
+                       result.plan.residual_share))
         return result
 
     monkeypatch.setattr(pretrained, "compress_pretrained", spy)
@@ -551,12 +561,19 @@ def test_cli_token_prior_reaches_the_fit(lm_dir, tmp_path, capsys, monkeypatch):
         out = capsys.readouterr().out
         assert f"token weights: {prior} prior, {share} of the weight" in out
         assert "logit bias, row scale" in out  # the planner's line: on by default
+        assert priors[-1][2] == DPQ_SAMPLED_RESIDUAL_SHARE  # no text: the sampled default
     assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--sample-tokens",
                 "128", "--head-steps", "0", "--no-row-scale", "--out", str(tmp_path / "plain")]) == 0
     assert "row scale" not in capsys.readouterr().out  # the planner's line
+    assert priors[-1][2] == DPQ_SAMPLED_RESIDUAL_SHARE
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert cli(["compress", str(lm_dir), "--method", "dpq", "--ratio", "3", "--calibration-text",
+                str(tmp_path / "text.txt"), "--head-steps", "0", "--out",
+                str(tmp_path / "text")]) == 0
+    assert priors[-1][2] == DPQ_RESIDUAL_SHARE  # user text: the smaller share
     assert "row_scale" not in json.loads((tmp_path / "plain" / "config.json").read_text())[
         "quantization_config"]["fit"]
-    (_, uniform), (_, rank) = priors[:2]
+    (_, uniform, _), (_, rank, _) = priors[:2]
     unused = slice(len(uniform) - 160, None)  # ids that the samples are unlikely to hold
     assert not torch.equal(uniform, rank)
     assert float(rank[unused].mean()) < float(uniform[unused].mean())  # the rarest ids

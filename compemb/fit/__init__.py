@@ -9,7 +9,7 @@ from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, rand
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import ROW_SCALE_POWER, FittedEmbedding, shrinkage_scale
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
-                   DPQ_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan, default_exact_share,
+                   DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan, default_exact_share,
                    default_residual_share, default_row_scale, plan_fit)
 from .residual import ResidualRows, allocate_bits
 from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SAMPLED_UNIFORM_PRIOR, SecondMoment,
@@ -24,4 +24,4 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
            "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior",
            "SAMPLED_UNIFORM_PRIOR", "default_prior", "shrinkage_scale", "ROW_SCALE_POWER",
-           "default_row_scale"]
+           "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE"]
