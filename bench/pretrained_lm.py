@@ -24,8 +24,9 @@ calibration file):
 Rows (``--rows``; default :func:`default_rows`): dense; round-to-nearest of the table (min-max per row with a float32 scale and
 offset, or per group of 32 with float16 ones) at 8/4/3/2 bits; TT and DPQ fitted by
 :func:`compemb_hf.compress_pretrained` at each ratio, without and with the distillation.
-The causal LM reports perplexity per corpus (and its change against dense), MiniLM the
-mean cosine of mean-pooled sentence embeddings against the dense model's. Results are
+The causal LM reports perplexity per corpus (and its change against dense) and, for each
+compressed row, where the added loss sits by the target token's id (:func:`loss_by_band`);
+MiniLM the mean cosine of mean-pooled sentence embeddings against the dense model's. Results are
 appended to ``--out`` (JSON lines) row by row, so a long run reports as it goes.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share, default_residual_share  # noqa: E402
+from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share  # noqa: E402
 
 #: The exact share of rows that ran before the field was recorded (the default then).
 EARLIER_EXACT_SHARE = 0.1
@@ -154,15 +155,43 @@ def eval_windows(tokenizer, texts: List[str], window: int = WINDOW,
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
-    nll, count = 0.0, 0
+def token_nll(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """``float32 [n * (window - 1)]``: the negative log-likelihood of every predicted
+    token of ``windows [n, window]`` (targets ``windows[:, 1:]``, flattened)."""
+    out = []
     for i in range(0, windows.shape[0], batch):
         x = windows[i:i + batch]
         logits = model(input_ids=x).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:],
+                                                     reduction="none").reshape(-1))
+    return torch.cat(out)
+
+
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    return math.exp(float(token_nll(model, windows, batch).double().mean()))
+
+
+#: Bands of target ids for :func:`loss_by_band` (tokenizers number tokens by frequency).
+ID_BANDS = (0, 500, 2000, 8000, 20000)
+
+
+def loss_by_band(nll: torch.Tensor, dense_nll: torch.Tensor, targets: torch.Tensor,
+                 bands=ID_BANDS) -> Dict[str, List[float]]:
+    """Where a compressed model's added loss sits, by the target token's id:
+    ``{"LO-HI": [share of the tokens, share of the added loss, added nats per token]}``
+    (the last band runs to the vocabulary's end). ``nll``, ``dense_nll``, ``targets``:
+    ``[N]`` per predicted token."""
+    added = (nll - dense_nll).double()
+    total = float(added.sum())
+    edges = list(bands) + [int(targets.max()) + 1]
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (targets >= lo) & (targets < hi)
+        n = int(m.sum())
+        out[f"{lo}-{hi if hi != edges[-1] else 'V'}"] = [
+            n / targets.numel(), float(added[m].sum()) / total if total else 0.0,
+            float(added[m].mean()) if n else 0.0]
+    return out
 
 
 def sentences(texts: List[str], n: int = 200) -> List[str]:
@@ -237,8 +266,20 @@ def run_causal(args) -> None:
     table_bytes = table.numel() * table.element_size()
     out = Path(args.out) if args.out else None
 
-    def evaluate(model) -> Dict[str, float]:
-        return {name: perplexity(model, w) for name, w in windows.items()}
+    dense_nll: Dict[str, torch.Tensor] = {}
+
+    def evaluate(model, bands: Optional[dict] = None) -> Dict[str, float]:
+        """Perplexity per corpus; with ``bands`` (a dict), also fills it with
+        :func:`loss_by_band` per corpus against the dense model."""
+        nll = {name: token_nll(model, w) for name, w in windows.items()}
+        if model is dense:
+            dense_nll.update(nll)
+        if bands is not None:
+            for name, w in windows.items():
+                if name not in dense_nll:
+                    dense_nll[name] = token_nll(dense, w)
+                bands[name] = loss_by_band(nll[name], dense_nll[name], w[:, 1:].reshape(-1))
+        return {name: math.exp(float(v.double().mean())) for name, v in nll.items()}
 
     earlier = [json.loads(line) for line in out.read_text().splitlines()
                if line.strip()] if out is not None and out.is_file() else []
@@ -318,8 +359,7 @@ def run_causal(args) -> None:
                    "exact_share": (default_exact_share(method) if args.exact_share is None
                                    else args.exact_share),
                    "transform_rank": result.plan.transform_rank,
-                   "residual_share": (default_residual_share(method) if args.residual_share is None
-                                      else args.residual_share),
+                   "residual_share": result.plan.residual_share,
                    "token_prior": args.token_prior, "prior": result.prior,
                    "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                    "row_scale": result.plan.row_scale,
@@ -328,7 +368,8 @@ def run_causal(args) -> None:
                    "ratio": table_bytes / report.embedding_stored_bytes,
                    "seconds": {**result.seconds, "sampling (shared)": sampling_secs,
                                "total": secs + sampling_secs},
-                   "ppl": evaluate(model)}
+                   "loss_by_band": {}}
+            row["ppl"] = evaluate(model, row["loss_by_band"])
             if result.head_fit is not None:
                 f = result.head_fit
                 row["head_fit"] = {"steps": f.steps, "heldout_before": f.heldout_before,
@@ -386,8 +427,7 @@ def run_minilm(args) -> None:
                "exact_share": (default_exact_share(method) if args.exact_share is None
                                else args.exact_share),
                "transform_rank": result.plan.transform_rank,
-               "residual_share": (default_residual_share(method) if args.residual_share is None
-                                  else args.residual_share),
+               "residual_share": result.plan.residual_share,
                "token_prior": args.token_prior, "prior": result.prior,
                "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,

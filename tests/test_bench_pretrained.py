@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from bench.pretrained_lm import (LEGAL_CALIB, LEGAL_EVAL, PY_CALIB, PY_EVAL, default_rows, markdown,
-                                 plot, round_to_nearest)
+from bench.pretrained_lm import (LEGAL_CALIB, LEGAL_EVAL, PY_CALIB, PY_EVAL, default_rows,
+                                 loss_by_band, markdown, perplexity, plot, round_to_nearest,
+                                 token_nll)
 
 
 def test_round_to_nearest_levels_bytes_and_error():
@@ -22,6 +23,41 @@ def test_round_to_nearest_levels_bytes_and_error():
             errors.append(float((q - w).pow(2).mean()))
     assert errors[0] < errors[2] < errors[4] < errors[6]  # fewer bits, more error (per row)
     assert errors[3] < errors[2]  # groups of 32 beat one scale per row at 4 bits
+
+
+class _Unigram(torch.nn.Module):
+    """A causal LM stand-in whose logits ignore the context: ``log_probs [V]`` everywhere."""
+
+    def __init__(self, log_probs):
+        super().__init__()
+        self.log_probs = log_probs
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.log_probs.expand(*input_ids.shape, -1)})
+
+
+def test_token_nll_and_perplexity_score_every_predicted_token():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    windows = torch.tensor([[0, 1, 2, 3], [3, 0, 0, 1], [2, 2, 1, 0]])
+    nll = token_nll(_Unigram(probs.log()), windows, batch=2)
+    expected = -probs.log()[windows[:, 1:].reshape(-1)]
+    assert torch.allclose(nll, expected)
+    assert perplexity(_Unigram(probs.log()), windows) == pytest.approx(
+        float(expected.double().mean().exp()))
+
+
+def test_loss_by_band_splits_the_added_loss_by_target_id():
+    targets = torch.tensor([0, 1, 600, 600, 3000, 30000])
+    dense = torch.ones(6)
+    nll = dense + torch.tensor([0.0, 0.2, 0.1, 0.1, 0.4, 1.2])
+    bands = loss_by_band(nll, dense, targets, bands=(0, 500, 2000))
+    assert list(bands) == ["0-500", "500-2000", "2000-V"]
+    shares = {k: v[0] for k, v in bands.items()}
+    assert shares == pytest.approx({"0-500": 2 / 6, "500-2000": 2 / 6, "2000-V": 2 / 6})
+    assert [v[1] for v in bands.values()] == pytest.approx([0.1, 0.1, 0.8])  # of the 2.0 added
+    assert [v[2] for v in bands.values()] == pytest.approx([0.1, 0.1, 0.8])  # nats per token
+    empty = loss_by_band(nll, dense, targets, bands=(0, 500, 2000, 20000, 25000))
+    assert empty["20000-25000"] == [0.0, 0.0, 0.0]
 
 
 def test_evaluation_and_calibration_files_are_disjoint():
