@@ -9,8 +9,8 @@ from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, rand
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import ROW_SCALE_POWER, FittedEmbedding, shrinkage_scale
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
-                   DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan, default_exact_share,
-                   default_residual_share, default_row_scale, plan_fit)
+                   DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan,
+                   default_exact_share, default_residual_share, default_row_scale, plan_fit)
 from .residual import ResidualRows, allocate_bits
 from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SAMPLED_UNIFORM_PRIOR, SecondMoment,
                     check_prior, count_tokens, default_prior, metric_root, rank_prior,

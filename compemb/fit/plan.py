@@ -53,7 +53,7 @@ DPQ_RESIDUAL_SHARE = 0.05
 #: +4.8 / +4.5 / +5.3%, +4.8 / +5.1 / +7.5%, +4.7 / +4.7 / +6.7% (mean +4.8 / +4.8 / +6.5%);
 #: share 0.1 (32 codes in 288 groups, 2.0 MB) +4.7 / +3.7 / +6.7%, +3.9 / +3.9 / +6.9%,
 #: +3.7 / +3.3 / +6.6% (mean +4.1 / +3.6 / +6.7%): a point better on PTB and Python, legal
-#: (whose added loss is mostly on ids above 2,000, which the coarser base serves less
+#: (68-78% of whose added loss is on ids from 8,000 up, which the coarser base serves less
 #: well) the same within its spread between seeds. With the user's text the weights
 #: follow that text, and a larger share costs the other domains (0.1 with PTB text, fit
 #: only: +0.6 / +10.0 / +9.1% against +1.2 / +8.3 / +8.4%), so it keeps
