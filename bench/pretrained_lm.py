@@ -46,7 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from compemb.fit import DEFAULT_TRANSFORM_RANK, default_exact_share  # noqa: E402
+from compemb.fit import (DEFAULT_TRANSFORM_RANK, ROW_SCALE_POWER,  # noqa: E402
+                          default_exact_share)
 
 #: The exact share of rows that ran before the field was recorded (the default then).
 EARLIER_EXACT_SHARE = 0.1
@@ -363,6 +364,7 @@ def run_causal(args) -> None:
                    "token_prior": args.token_prior, "prior": result.prior,
                    "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                    "row_scale": result.plan.row_scale,
+                   **({"row_scale_power": ROW_SCALE_POWER} if result.plan.row_scale else {}),
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -566,7 +568,9 @@ def markdown(path: Path) -> str:
             if r.get("padding_row") == "stored":  # rows without the field: padding row
                 cal += ", padding row kept"  # zeroed (SmolLM2's pad is EOS)
             if r.get("row_scale"):  # rows without the field had none
-                cal += ", row scale"
+                cal += ", row scale"  # rows without a power: 0.5
+                if r.get("row_scale_power", 0.5) != 0.5:
+                    cal += f" power {r['row_scale_power']:g}"
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:

@@ -344,10 +344,10 @@ def test_shrinkage_scale_is_the_documented_power_of_each_rows_projection():
     fitted[4] += 0.3 * torch.linalg.norm(w[4]) * torch.nn.functional.normalize(
         torch.tensor([w[4, 1], -w[4, 0], 0.0, 0.0]), dim=0)  # orthogonal: no projection
     scale = shrinkage_scale(fitted, w)
-    assert ROW_SCALE_POWER == 0.5
-    torch.testing.assert_close(scale, torch.tensor([1 / 0.9, 1.0, 1 / 0.8, 1.0, 0.9 ** -0.5]))
-    assert shrinkage_scale(w * 0.01, w)[0] == pytest.approx(0.5 ** -0.5)  # clamped
-    assert shrinkage_scale(fitted, w, power=1.0)[0] == pytest.approx(1 / 0.81)
+    assert ROW_SCALE_POWER == 1.0
+    torch.testing.assert_close(scale, torch.tensor([1 / 0.81, 1.0, 1 / 0.64, 1.0, 1 / 0.9]))
+    assert shrinkage_scale(w * 0.01, w)[0] == pytest.approx(1 / 0.5)  # clamped
+    assert shrinkage_scale(fitted, w, power=0.5)[0] == pytest.approx(1 / 0.9)
     with pytest.raises(ValueError, match="same"):
         shrinkage_scale(w[:3], w)
 
