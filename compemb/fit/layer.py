@@ -62,10 +62,11 @@ def shrinkage_scale(fitted: Tensor, dense: Tensor, power: float = ROW_SCALE_POWE
     on PTB / Python / legal against dense, seeds 0, 1, 2): ``power=0.5`` +4.7 / +3.7 /
     +6.7%, +3.9 / +3.9 / +6.9%, +3.7 / +3.3 / +6.6%; ``power=1`` +4.8 / +3.6 / +6.4%,
     +3.9 / +3.7 / +6.7%, +3.6 / +3.4 / +6.5% (``bench.pretrained_lm``): legal 0.2 points
-    better in every seed, the others within 0.15. (With residual rows 0.05, applied after the fact, ``power=1`` had
-    cost news text a point against 0.5.) Even after it, the tokens from id 8,000 up are
-    under-predicted where they occur (their logit falls 0.2-0.4 nats more than the
-    partition function's), which is where most of the remaining loss is."""
+    better in every seed, the others within 0.15. (With residual rows 0.05, applied to
+    compressed models after the fact, ``power=1`` had cost PTB 0.5-1.0 point against 0.5,
+    two seeds.) Even after it, the tokens from id 8,000 up are under-predicted where they
+    occur (their logit falls 0.13-0.37 nats more than the log-partition), which is where
+    most of the remaining loss is."""
     if fitted.shape != dense.shape or fitted.dim() != 2:
         raise ValueError(f"fitted and dense must be the same [V, d] shape, got "
                          f"{tuple(fitted.shape)} and {tuple(dense.shape)}")

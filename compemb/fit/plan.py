@@ -55,11 +55,12 @@ DPQ_RESIDUAL_SHARE = 0.05
 #: +3.7 / +3.3 / +6.6% (mean +4.1 / +3.6 / +6.7%): a point better on PTB and Python, legal
 #: (68-78% of whose added loss is on ids from 8,000 up, which the coarser base serves less
 #: well) the same within its spread between seeds. With the user's text the weights
-#: follow that text: 0.1 with PTB text and the head fit gave +0.8 / +6.4 / +8.2% and
-#: +0.8 / +6.3 / +9.1% (two seeds) against +1.9 / +7.0 / +7.9% and +1.9 / +9.1 / +7.9%,
-#: better in domain and on Python, worse on legal in both seeds (fit only, before the
-#: rank prior: +0.6 / +10.0 / +9.1% against +1.2 / +8.3 / +8.4%), so that case keeps
-#: :data:`DPQ_RESIDUAL_SHARE` until more seeds settle it.
+#: follow that text: 0.1 with PTB text and the head fit gave +0.8 / +6.4 / +8.2%,
+#: +0.8 / +6.3 / +9.1% and +1.0 / +6.7 / +9.8% (three seeds) against +1.9 / +7.0 / +7.9%,
+#: +1.9 / +9.1 / +7.9% and +1.6 / +8.3 / +5.4%: better in domain and on Python, worse on
+#: legal in every seed, and worse in the worst corpus (8.2 / 9.1 / 9.8% against 7.9 /
+#: 9.1 / 8.3%) (fit only, before the rank prior: +0.6 / +10.0 / +9.1% against +1.2 /
+#: +8.3 / +8.4%), so that case keeps :data:`DPQ_RESIDUAL_SHARE`.
 DPQ_SAMPLED_RESIDUAL_SHARE = 0.1
 #: The same for TT and TR, whose cores miss most of a trained table's row-specific detail:
 #: the residual rows carry it. SmolLM2 at 10x, PTB + sampled text, no head fit, perplexity
