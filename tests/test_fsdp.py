@@ -74,6 +74,9 @@ def _worker(rank, world, init_file, out_dir):
                      for k, v in model.state_dict().items()}
             if rank == 0:
                 torch.save(state, os.path.join(out_dir, f"{layout}.pt"))
+        # both ranks done before either tears down: a rank destroying the group while the
+        # other's gloo threads still run aborted the other (seen once in CI, SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
