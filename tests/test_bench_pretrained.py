@@ -102,6 +102,12 @@ def test_plot_writes_a_png(tmp_path):
     rows[-1].update(residual_share=0.05, seed=1)  # residual rows and a second seed are named
     src.write_text("\n".join(json.dumps(r) for r in rows))
     assert "rank 32, residual rows 0.05, seed 1 |" in markdown(src).splitlines()[4]
+    rows[-1]["row_scale"] = True  # a row scale without a recorded power ran at 0.5
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    assert "residual rows 0.05, row scale, seed 1 |" in markdown(src).splitlines()[4]
+    rows[-1]["row_scale_power"] = 1.0
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    assert "residual rows 0.05, row scale power 1, seed 1 |" in markdown(src).splitlines()[4]
 
 
 def test_rows_not_run_lists_the_default_rows_a_file_lacks(tmp_path):
