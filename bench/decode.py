@@ -11,7 +11,14 @@ with ``compemb_hf.compress`` (input table and tied head):
 
 * ``dpq``: the DPQ inference form, K=256 codes, 144 groups (smollm; 96 for minilm, 4
   dims per group), ``form="codebook"``;
-* ``tt``: Tensor-Train rank 64.
+* ``tt``: Tensor-Train rank 64;
+* ``dpq-10x`` / ``tt-10x``: what ``compemb compress MODEL --method dpq|tt --ratio 10`` makes,
+  in the form a user loads: ``compemb_hf.compress_pretrained`` with its defaults for a
+  model given no text (DPQ: 32 codes in groups of 2 dimensions, residual rows, a
+  Kronecker-plus-low-rank transform, a logit bias and a row scale; TT: rank about 34 plus
+  residual rows), fitted to 16 windows of random tokens with no head fit (the structure,
+  not the fit, sets the speed), saved with ``save_pretrained`` and loaded back with
+  ``AutoModelForCausalLM.from_pretrained`` after ``import compemb_hf``.
 
 Speed: all models of one size are in memory together and every repeat runs each of them
 once in turn (interleaved, so that they see the same machine load); the table gives the
@@ -53,6 +60,7 @@ MODELS = {
                    max_position_embeddings=512, tie_word_embeddings=True),
 }
 METHODS = ("dense", "dpq", "tt")
+FITTED = ("dpq-10x", "tt-10x")
 PROMPT = 16
 
 
@@ -63,10 +71,16 @@ def build(model_name: str, method: str, seed: int = 0):
     import compemb_hf
     from compemb_hf import CompressedEmbeddingConfig as Cfg
 
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(**MODELS[model_name], bos_token_id=1, eos_token_id=2,
-                            pad_token_id=0)
-    model = tf.LlamaForCausalLM(config).eval()
+    def make_model():
+        torch.manual_seed(seed)
+        config = tf.LlamaConfig(**MODELS[model_name], bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0)
+        return tf.LlamaForCausalLM(config).eval()
+
+    if method in FITTED:  # loaded from its folder, the dense model never built here
+        return _compressed_pretrained(model_name, make_model, method.split("-")[0], seed).eval()
+    model = make_model()
+    config = model.config
     hidden = config.hidden_size
     if method == "dpq":
         groups = hidden // 4
@@ -75,8 +89,56 @@ def build(model_name: str, method: str, seed: int = 0):
     elif method == "tt":
         compemb_hf.compress(model, Cfg("tt", rank=64, init="random"))
     elif method != "dense":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {METHODS + FITTED}, got {method!r}")
     return model.eval()
+
+
+#: where the ``dpq-10x`` / ``tt-10x`` models are saved: a folder that :func:`main` makes for
+#: the run and hands to its peak-RSS processes (so each fit is made once per run, with the
+#: code of the run); a process that calls :func:`build` by itself makes its own
+FITTED_DIR_ENV = "COMPEMB_BENCH_DECODE_DIR"
+
+
+def _fitted_folder(model_name: str, method: str, seed: int) -> str:
+    import tempfile
+
+    root = os.environ.get(FITTED_DIR_ENV)
+    if not root:
+        root = os.environ[FITTED_DIR_ENV] = tempfile.mkdtemp(prefix="compemb-bench-decode-")
+    return os.path.join(root, f"{model_name}-{method}-10x-seed{seed}")
+
+
+def _compressed_pretrained(model_name: str, make_model: Callable, method: str, seed: int):
+    """``model`` through ``compress_pretrained`` (ratio 10, the defaults for a model given
+    no text, no head fit), saved, and loaded back as a user would: from the folder, with
+    ``AutoModelForCausalLM.from_pretrained``. The folder (:func:`_fitted_folder`) is made
+    once and reused, so that the peak-RSS process only loads it, as a user's process
+    would, and carries nothing of the fit."""
+    import shutil
+    import tempfile
+
+    import transformers as tf
+
+    import compemb_hf  # noqa: F401 - registers the loading of compressed checkpoints
+    from compemb_hf.calibration import CalibrationSource
+
+    folder = _fitted_folder(model_name, method, seed)
+    if not os.path.isdir(folder):
+        model = make_model()
+        g = torch.Generator().manual_seed(seed)
+        windows = torch.randint(3, model.config.vocab_size, (16, 128), generator=g)
+        compemb_hf.compress_pretrained(model, method, 10.0, sample=0, head_steps=0, seed=seed,
+                                       sources=[CalibrationSource("sampled", windows,
+                                                                  sampled=True)],
+                                       progress=False)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+        try:
+            model.save_pretrained(tmp)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tf.AutoModelForCausalLM.from_pretrained(folder)
 
 
 def generate(model, batch: int, new_tokens: int) -> torch.Tensor:
@@ -204,7 +266,7 @@ def run_logits(repeats: int) -> List[str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm,minilm")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS + FITTED))
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -212,7 +274,19 @@ def main(argv=None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     p.add_argument("--logits", action="store_true", help="also time the head alone")
     args = p.parse_args(argv)
+    import shutil
+    import tempfile
+
     torch.set_num_threads(args.threads)
+    fitted = tempfile.mkdtemp(prefix="compemb-bench-decode-")
+    os.environ[FITTED_DIR_ENV] = fitted
+    try:
+        _run(args)
+    finally:
+        shutil.rmtree(fitted, ignore_errors=True)
+
+
+def _run(args) -> None:
     methods = args.methods.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     load = os.getloadavg()

@@ -56,6 +56,43 @@ def test_native_one_token_path_adds_in_the_same_order(Kc):
 
 
 @needs_native
+@pytest.mark.parametrize("Kc", [1, 5, 16, 17, 32, 33, 50, 64, 65])
+def test_native_one_token_few_codes_adds_in_the_same_order(Kc):
+    """Up to 64 codes per group, one token looks its codes up by in-register permutes
+    (AVX-512; 65 codes take the gather): the same bits as the pure-PyTorch path (the same
+    partial dot products, added in the same order) and the dense product to rounding, at
+    a V that is not a multiple of 16."""
+    codes, values, table = _case(2053, 19, Kc, 3)
+    blocked = K.block_codes(codes, Kc)
+    hidden = torch.randn(1, 57, generator=torch.Generator().manual_seed(4))
+    one = K.logits_from_blocked(hidden, values, blocked, 2053, impl="native")
+    assert torch.equal(one, K.logits_from_blocked(hidden, values, blocked, 2053, impl="torch"))
+    torch.testing.assert_close(one, (hidden.double() @ table.double().T).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,d", [(1, 1000, 576), (3, 37, 5), (8, 513, 129), (2, 0, 7),
+                                   (1, 5, 9001)])
+def test_int8_row_dots_equal_the_float_product(M, N, d):
+    g = torch.Generator().manual_seed(M + N + d)
+    hidden = torch.randn(M, d, generator=g)
+    rows = torch.randint(-128, 128, (N, d), generator=g, dtype=torch.int8)
+    out = K.int8_row_dots(hidden, rows)
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    ref = (hidden.double() @ rows.double().T).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3 * d ** 0.5)
+    # a hidden state that wants its gradient takes the autograd path, with the same numbers
+    h = hidden.clone().requires_grad_(True)
+    out_grad = K.int8_row_dots(h, rows)
+    torch.testing.assert_close(out_grad.detach(), ref, rtol=1e-5, atol=1e-3 * d ** 0.5)
+    if N:
+        out_grad.sum().backward()
+        torch.testing.assert_close(h.grad, rows.float().sum(0).expand(M, -1))
+    with pytest.raises(ValueError, match="int8 rows"):
+        K.int8_row_dots(hidden, rows.float())
+
+
+@needs_native
 def test_native_and_torch_paths_agree_to_rounding_at_decode_size():
     codes, values, _ = _case(2053, 48, 256, 4)  # V not a multiple of 16, D*Kc > V/2
     blocked = K.block_codes(codes, 256)

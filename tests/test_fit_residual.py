@@ -77,6 +77,20 @@ def test_residual_rows_add_the_same_rows_to_lookup_table_and_logits():
     torch.testing.assert_close(res.add_to_lookup(look, base[look], 60), table[look])
     h = _randn(2, 5, 12, seed=3)
     torch.testing.assert_close(res.add_to_logits(h, h @ base.T), h @ table.T, rtol=1e-5, atol=1e-5)
+    # gradients (the scales' and the hidden states') are those of the table's product,
+    # whichever path computed the dots (native int8 kernel for a hidden state that needs
+    # no gradient, autograd otherwise)
+    for needs_grad in (False, True):
+        hh = h.clone().requires_grad_(needs_grad)
+        res.scales.grad = None
+        res.add_to_logits(hh, hh @ base.T).square().sum().backward()
+        got = res.scales.grad.clone(), (hh.grad.clone() if needs_grad else None)
+        res.scales.grad = None
+        hh2 = h.clone().requires_grad_(needs_grad)
+        (hh2 @ res.add_to_table(base).T).square().sum().backward()
+        torch.testing.assert_close(got[0], res.scales.grad, rtol=1e-4, atol=1e-4)
+        if needs_grad:
+            torch.testing.assert_close(got[1], hh2.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_residual_rows_load_into_an_empty_layout_and_train_their_scales():

@@ -38,7 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["BLOCK", "codes_dtype", "check_codes_dtype", "block_codes", "unblock_codes",
            "blocked_rows", "partial_dots", "logits_from_blocked", "logits_from_codes",
-           "native_available", "GATHER_COST", "BUILD_COST"]
+           "native_available", "GATHER_COST", "BUILD_COST", "int8_row_dots"]
 
 #: symbols per block of the blocked code layout
 BLOCK = 16
@@ -200,6 +200,32 @@ def logits_from_codes(hidden: Tensor, values: Tensor, codes: Tensor, impl: str =
     return logits_from_blocked(hidden, values, blocked, codes.shape[0], impl=impl)
 
 
+def int8_row_dots(hidden: Tensor, rows: Tensor) -> Tensor:
+    """``hidden [M, d]`` (float) and ``rows int8 [N, d]`` -> ``hidden @ rows.T  [M, N]``.
+
+    With the native kernel (float32 on the CPU, eager, no gradient wanted for ``hidden``)
+    the int8 rows are read as they are, never converted to a float ``[N, d]`` table (which
+    a decode step would otherwise allocate, fill and read: four times the bytes, plus the
+    page faults of a fresh allocation); otherwise ``hidden @ rows.T`` in ``hidden``'s dtype.
+    The two agree up to float32 summation order."""
+    if rows.dtype != torch.int8 or rows.dim() != 2 or hidden.dim() != 2 \
+            or hidden.shape[1] != rows.shape[1]:
+        raise ValueError(f"int8_row_dots needs hidden [M, d] and int8 rows [N, d], got "
+                         f"{tuple(hidden.shape)} and {rows.dtype} {tuple(rows.shape)}")
+    if (_native_applies(hidden, hidden) and rows.device.type == "cpu"
+            and not (torch.is_grad_enabled() and hidden.requires_grad)):
+        h = hidden.detach().contiguous()
+        r = rows.contiguous()
+        out = torch.empty(h.shape[0], r.shape[0], dtype=torch.float32)
+        if r.shape[0] and h.shape[0]:
+            _load().compemb_int8_row_dots(ctypes.c_void_p(h.data_ptr()),
+                                          ctypes.c_void_p(r.data_ptr()),
+                                          ctypes.c_void_p(out.data_ptr()), r.shape[0],
+                                          r.shape[1], h.shape[0], torch.get_num_threads())
+        return out
+    return hidden @ rows.to(hidden.dtype).T
+
+
 def block_codes_traceable(codes: Tensor, num_codes: int) -> Tensor:
     """:func:`block_codes` without the range check (which reads values on the host), for
     ``torch.compile`` / ``torch.export``."""
@@ -310,11 +336,15 @@ def _build_and_load() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    if lib.compemb_dpq_kernel_version() != 3:
+    if lib.compemb_dpq_kernel_version() != 5:
         raise RuntimeError(f"{target} is a different kernel version")
     for name in ("compemb_dpq_logits_u8", "compemb_dpq_logits_u16", "compemb_dpq_logits_i32"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
                        ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         fn.restype = None
+    fn = lib.compemb_int8_row_dots
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                   ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    fn.restype = None
     return lib

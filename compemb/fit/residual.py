@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..dpq.kernels import int8_row_dots
 from ..dpq.math import pack_codes, packed_num_bytes, unpack_codes
 from .slots import cached_per_state, slot_map
 
@@ -237,11 +238,14 @@ class ResidualRows(nn.Module):
     def add_to_logits(self, hidden: Tensor, logits: Tensor) -> Tensor:
         """``logits [..., V]`` (the base's, for ``hidden [..., d]`` in the base's space)
         plus ``hidden . residual_i`` in each residual row's column: one ``[..., d] x
-        [d, N]`` product with the codes, then the scales (no ``[N, d]`` float table kept)."""
+        [d, N]`` product with the codes, then the scales (no ``[N, d]`` float table kept;
+        at inference the int8 codes are read as they are: :func:`compemb.dpq.kernels.int8_row_dots`)."""
         if not self.ids.numel():
             return logits
         h = hidden.to(logits.dtype)
-        dots = (h @ self._centred().to(h.dtype).T + 0.5 * h.sum(-1, keepdim=True)) * self.scales.to(h.dtype)
+        flat = h.reshape(-1, self.dim)
+        dots = int8_row_dots(flat, self._centred()).to(h.dtype).reshape(*h.shape[:-1], -1)
+        dots = (dots + 0.5 * h.sum(-1, keepdim=True)) * self.scales.to(h.dtype)
         return logits.index_add(logits.dim() - 1, self.ids.long(), dots)
 
     def storage_bytes(self) -> int:
