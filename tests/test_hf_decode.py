@@ -95,6 +95,41 @@ def test_generate_with_the_pure_pytorch_dpq_path_equals_native(monkeypatch):
     assert torch.equal(_generate(model, ids), fast)
 
 
+def test_generate_of_a_fitted_model_equals_its_pytorch_paths(monkeypatch, tmp_path):
+    """What ``compress_pretrained`` saves (DPQ codes with few codes per group, residual
+    rows, a transform, a logit bias, a row scale), loaded back: greedy ``generate`` through
+    the native kernels (the permute path for one token, the int8 product of the residual
+    rows) gives the tokens of the pure-PyTorch paths, and its logits agree to rounding."""
+    import transformers as tf
+
+    from compemb.fit import residual as residual_module
+    from compemb.fit import FittedEmbedding
+    from compemb_hf.calibration import CalibrationSource
+
+    model = _llama()
+    windows = torch.randint(3, VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
+    compemb_hf.compress_pretrained(model, "dpq", 3, sample=0, head_steps=0, progress=False,
+                                   sources=[CalibrationSource("sampled", windows, sampled=True)])
+    model.save_pretrained(tmp_path)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    table = model.get_input_embeddings()
+    assert isinstance(table, FittedEmbedding) and isinstance(table.base, CodebookEmbedding)
+    assert table.residual is not None and table.residual.ids.numel() > 0
+    assert table.row_scale_codes is not None and table.base.num_codes <= 64
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    hidden = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast, fast_logits = _generate(model, ids), model.lm_head(hidden)
+    inner = codebook_module.logits_from_blocked
+    monkeypatch.setattr(codebook_module, "logits_from_blocked",
+                        lambda *a, **k: inner(*a, **{**k, "impl": "torch"}))
+    monkeypatch.setattr(residual_module, "int8_row_dots",
+                        lambda h, rows: h @ rows.to(h.dtype).T)
+    with torch.no_grad():
+        assert torch.equal(_generate(model, ids), fast)
+        torch.testing.assert_close(model.lm_head(hidden), fast_logits, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ export
 
 @pytest.mark.parametrize("name", list(CONFIGS))

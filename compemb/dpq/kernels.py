@@ -15,7 +15,14 @@ built (no compiler, ``COMPEMB_NATIVE=0``), or for dtypes other than float32, or 
 table) gives the same numbers (:func:`logits_from_blocked` with ``impl="torch"``).
 
 For many tokens at once and few dimensions per group, building the table and one GEMM is
-cheaper than the gather-sum; :func:`logits_from_blocked` picks by a cost model.
+cheaper than the gather-sum; :func:`logits_from_blocked` picks by a cost model. One token
+with at most 64 codes per group (``uint8`` codes, AVX-512) looks its codes up by
+in-register permutes of the partial dot products rather than gathers, with the same
+additions in the same order.
+
+The same library holds :func:`int8_row_dots` (``hidden @ rows.T`` for ``int8`` rows read as
+they are), which the residual rows of a fitted table (:mod:`compemb.fit.residual`) use for
+their logits.
 """
 from __future__ import annotations
 
