@@ -15,10 +15,10 @@ with ``compemb_hf.compress`` (input table and tied head):
 * ``dpq-10x`` / ``tt-10x``: what ``compemb compress MODEL --method dpq|tt --ratio 10`` makes,
   in the form a user loads: ``compemb_hf.compress_pretrained`` with its defaults for a
   model given no text (DPQ: 32 codes in groups of 2 dimensions, residual rows, a
-  Kronecker-plus-low-rank transform, a logit bias and a row scale; TT: rank about 34 plus
-  residual rows), fitted to 16 windows of random tokens with no head fit (the structure,
-  not the fit, sets the speed), saved with ``save_pretrained`` and loaded back with
-  ``AutoModelForCausalLM.from_pretrained`` after ``import compemb_hf``.
+  Kronecker-plus-low-rank transform, a logit bias and a row scale; TT: a small-rank TT,
+  the planner's choice, plus residual rows), fitted to 16 windows of random tokens with no
+  head fit (the structure, not the fit, sets the speed), saved with ``save_pretrained``
+  and loaded back with ``AutoModelForCausalLM.from_pretrained`` after ``import compemb_hf``.
 
 Speed: all models of one size are in memory together and every repeat runs each of them
 once in turn (interleaved, so that they see the same machine load); the table gives the

@@ -274,7 +274,8 @@ def native_available() -> bool:
 
 def _native_applies(hidden: Tensor, values: Tensor) -> bool:
     return (hidden.device.type == "cpu" and hidden.dtype == torch.float32
-            and not torch.compiler.is_compiling() and _load() is not None)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _load() is not None)  # a tracer would not see a ctypes call
 
 
 def _cache_dir() -> Path:
