@@ -72,6 +72,7 @@ def test_native_one_token_few_codes_adds_in_the_same_order(Kc):
 
 
 @pytest.mark.parametrize("M,N,d", [(1, 1000, 576), (3, 37, 5), (8, 513, 129), (2, 0, 7),
+                                   (5, 40, 33), (13, 7, 48), (16, 3, 16),
                                    (1, 5, 9001)])
 def test_int8_row_dots_equal_the_float_product(M, N, d):
     g = torch.Generator().manual_seed(M + N + d)

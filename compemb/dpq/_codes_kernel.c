@@ -216,31 +216,55 @@ DEFINE_KERNEL(compemb_dpq_logits_i32, int32_t)
  * quarter of the bytes of the float rows, which are never built. Each sum runs over j in
  * an OpenMP SIMD reduction (vector lanes, then the lanes added), so its rounding differs
  * from a BLAS product's by float32 summation order only. */
+#ifdef __AVX512F__
+/* W tokens (a constant after inlining) against one int8 row: W vector sums over d in
+ * steps of 16 (each 16 int8 widened once for all W), then each reduced, plus a scalar tail. */
+static inline __attribute__((always_inline)) void compemb_int8_dots_w(
+    const float *restrict H, const int8_t *restrict r, float *restrict out, long N, long n,
+    long d, long m0, const int W) {
+  __m512 acc[8];
+  for (int w = 0; w < W; w++) acc[w] = _mm512_setzero_ps();
+  long j = 0;
+  for (; j + 16 <= d; j += 16) {
+    __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + j))));
+    for (int w = 0; w < W; w++)
+      acc[w] = _mm512_fmadd_ps(_mm512_loadu_ps(H + (m0 + w) * d + j), b, acc[w]);
+  }
+  for (int w = 0; w < W; w++) {
+    float tail = 0.f;
+    for (long k = j; k < d; k++) tail += H[(m0 + w) * d + k] * (float)r[k];
+    out[(m0 + w) * N + n] = _mm512_reduce_add_ps(acc[w]) + tail;
+  }
+}
+#endif
+
+/* Dot products of float32 hidden states with int8 rows: out[m, n] = sum_j H[m, j] * R[n, j].
+ * H float32 [M, d], R int8 [N, d], out float32 [M, N] (all contiguous). The rows are read
+ * once for all M tokens (one row is d bytes, in L1 while the tokens pass over it), a
+ * quarter of the bytes of the float rows, which are never built. On AVX-512 up to 8 tokens
+ * at a time keep their sums in vector registers and share each widened load of the row;
+ * elsewhere each sum is an OpenMP SIMD reduction. Either way the rounding differs from a
+ * BLAS product's by float32 summation order only. */
 void compemb_int8_row_dots(const float *H, const int8_t *R, float *out, long N, long d,
                            long M, int threads) {
-  /* several tokens: each row is converted once into a float buffer on the stack */
-  const int convert = M > 1 && d <= 8192;
   _Pragma("omp parallel for schedule(dynamic, 64) num_threads(threads) if(threads > 1)")
   for (long n = 0; n < N; n++) {
     const int8_t *restrict r = R + n * d;
-    float buf[convert ? d : 1];
-    if (convert) {
-      _Pragma("omp simd")
-      for (long j = 0; j < d; j++) buf[j] = (float)r[j];
-    }
+#ifdef __AVX512F__
+    long m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) compemb_int8_dots_w(H, r, out, N, n, d, m0, 8);
+    for (; m0 + 4 <= M; m0 += 4) compemb_int8_dots_w(H, r, out, N, n, d, m0, 4);
+    for (; m0 < M; m0 += 1) compemb_int8_dots_w(H, r, out, N, n, d, m0, 1);
+#else
     for (long m = 0; m < M; m++) {
       const float *restrict h = H + m * d;
       float acc = 0.f;
-      if (convert) {
-        _Pragma("omp simd reduction(+:acc)")
-        for (long j = 0; j < d; j++) acc += h[j] * buf[j];
-      } else {
-        _Pragma("omp simd reduction(+:acc)")
-        for (long j = 0; j < d; j++) acc += h[j] * (float)r[j];
-      }
+      _Pragma("omp simd reduction(+:acc)")
+      for (long j = 0; j < d; j++) acc += h[j] * (float)r[j];
       out[m * N + n] = acc;
     }
+#endif
   }
 }
 
-int compemb_dpq_kernel_version(void) { return 5; }
+int compemb_dpq_kernel_version(void) { return 6; }

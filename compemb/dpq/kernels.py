@@ -344,7 +344,7 @@ def _build_and_load() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    if lib.compemb_dpq_kernel_version() != 5:
+    if lib.compemb_dpq_kernel_version() != 6:
         raise RuntimeError(f"{target} is a different kernel version")
     for name in ("compemb_dpq_logits_u8", "compemb_dpq_logits_u16", "compemb_dpq_logits_i32"):
         fn = getattr(lib, name)
