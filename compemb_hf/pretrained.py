@@ -114,7 +114,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         residual_share: share of each table's bytes for residual rows: the rows that cost
             most get the base's residual at 2-8 bits per dimension
             (:class:`compemb.fit.residual.ResidualRows`; default
-            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.1 when there is no
+            :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.2 when there is no
             user text (all of it sampled), 0.85 for TT/TR).
         row_scale: the table that serves as the head stores a per-token row factor at 8
             bits (``V + 8`` bytes, taken from the budget), set after the head fit from the
