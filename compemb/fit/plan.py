@@ -60,7 +60,7 @@ DPQ_RESIDUAL_SHARE = 0.05
 #: +1.9 / +9.1 / +7.9% and +1.6 / +8.3 / +5.4%: better in domain and on Python, worse on
 #: legal in every seed, and worse in the worst corpus (8.2 / 9.1 / 9.8% against 7.9 /
 #: 9.1 / 8.3%) (fit only, before the rank prior: +0.6 / +10.0 / +9.1% against +1.2 /
-#: +8.3 / +8.4%), so that case keeps :data:`DPQ_RESIDUAL_SHARE`. 0.2 since 2026-12-07 10:25
+#: +8.3 / +8.4%), so that case keeps :data:`DPQ_RESIDUAL_SHARE`. 0.2 since 2026-12-07 10:24
 #: UTC (128 codes in 192 groups of 3 dimensions, 2.4 MB; 0.15 gives 0.1's plan), with the
 #: full row scale (one-off runs with the benchmark's compression and windows,
 #: ``runs/exp/probe3.py``): +4.8 / +3.5 / +5.6%, +4.7 / +3.4 / +5.9%, +4.0 / +3.5 / +5.2%
