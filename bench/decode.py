@@ -14,7 +14,8 @@ with ``compemb_hf.compress`` (input table and tied head):
 * ``tt``: Tensor-Train rank 64;
 * ``dpq-10x`` / ``tt-10x``: what ``compemb compress MODEL --method dpq|tt --ratio 10`` makes,
   in the form a user loads: ``compemb_hf.compress_pretrained`` with its defaults for a
-  model given no text (DPQ: 32 codes in groups of 2 dimensions, residual rows, a
+  model given no text (DPQ: the planner's codes, 128 in groups of 3 dimensions at SmolLM's
+  size since residual rows took 0.2 of the bytes, plus residual rows, a
   Kronecker-plus-low-rank transform, a logit bias and a row scale; TT: a small-rank TT,
   the planner's choice, plus residual rows), fitted to 16 windows of random tokens with no
   head fit (the structure, not the fit, sets the speed), saved with ``save_pretrained``
@@ -109,8 +110,8 @@ def _fitted_folder(model_name: str, method: str, seed: int) -> str:
 
 
 def _compressed_pretrained(model_name: str, make_model: Callable, method: str, seed: int):
-    """``model`` through ``compress_pretrained`` (ratio 10, the defaults for a model given
-    no text, no head fit), saved, and loaded back as a user would: from the folder, with
+    """The model ``make_model()`` builds, through ``compress_pretrained`` (ratio 10, the
+    defaults for a model given no text, no head fit), saved, and loaded back as a user would: from the folder, with
     ``AutoModelForCausalLM.from_pretrained``. The folder (:func:`_fitted_folder`) is made
     once and reused, so that the peak-RSS process only loads it, as a user's process
     would, and carries nothing of the fit."""

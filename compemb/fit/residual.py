@@ -244,7 +244,7 @@ class ResidualRows(nn.Module):
             return logits
         h = hidden.to(logits.dtype)
         flat = h.reshape(-1, self.dim)
-        dots = int8_row_dots(flat, self._centred()).to(h.dtype).reshape(*h.shape[:-1], -1)
+        dots = int8_row_dots(flat, self._centred()).reshape(*h.shape[:-1], -1)
         dots = (dots + 0.5 * h.sum(-1, keepdim=True)) * self.scales.to(h.dtype)
         return logits.index_add(logits.dim() - 1, self.ids.long(), dots)
 
