@@ -534,9 +534,10 @@ def plot(path: Path, png: Path) -> None:
 
 
 def markdown(path: Path) -> str:
-    """The rows of a run as a markdown table (what the README shows): dense, then
-    round-to-nearest, DPQ and TT, each from the smallest ratio to the largest (rows of the
-    same ratio in the order they ran)."""
+    """The rows of a run as a markdown table (``bench/results/pretrained.md`` shows all of
+    them, the README the rows of today's defaults): dense, then round-to-nearest, DPQ and
+    TT, each from the smallest ratio to the largest (rows of the same ratio in the order
+    they ran)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "row" in r]
     kinds = {"dense": 0, "rtn": 1, "dpq": 2, "tt": 3}

@@ -171,8 +171,9 @@ def sample_tokens(model: nn.Module, num_tokens: int, *, seq_len: int = DEFAULT_S
     favourite genre (an instruct model writes chat); a random first token sends each
     window to another topic, so that statistics from it cover more of what users will feed
     the model (measured on SmolLM2, DPQ 10x: perplexity 0.5 to 1.2 points closer to dense
-    out of domain, the same in domain; README). Read back, SmolLM2's random-start windows
-    are still English prose; ``prompts`` lead the model into code and other genres.
+    out of domain, the same in domain; ``bench/results/pretrained.md``). Read back,
+    SmolLM2's random-start windows are still English prose; ``prompts`` lead the model into
+    code and other genres.
     ``prompts``: token ids (e.g. :func:`opener_prompts` of :data:`SAMPLE_OPENERS`; each cut
     to at most half a window) that begin ``prompt_share`` of the windows, each prompt in
     turn, the model writing the rest; batches of prompted windows alternate with the
