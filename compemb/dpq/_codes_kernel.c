@@ -114,64 +114,85 @@
 #endif
 
 /* One token, uint8 codes, at most 128 codes per group (AVX-512): a group's K partial dot
- * products fit in one to eight vector registers, so a block's 16 codes are looked up with
- * in-register permutes (one per 32 codes, each over a pair of registers) joined by blends on
- * the code's bits 5 and 6, instead of a gather from memory; the same additions in the same
- * order as the gather, so the same numbers. compress_pretrained's DPQ at 10x with no user
- * text has 128 codes in 192 groups (residual share 0.2; 32 codes in 288 groups before):
- * the gather-sum is 9.4 M lookups per token at 49152 x 576. */
+ * products fit in R = 1, 2, 4 or 8 vector registers, so a block's 16 codes are looked up
+ * with in-register permutes (one per 32 codes, each over a pair of registers) joined by
+ * blends on the code's bits 5 and 6, instead of a gather from memory. The registers are
+ * loaded once per 16 / R groups and a tile of blocks passes under them, its 16 sums per
+ * block kept in a small array that stays in L1: reloading every group's products for
+ * every block read 512 bytes a lookup at K = 128 (its 98 KB of products do not fit in
+ * L1), which made the permutes no faster than the gather. Per symbol the groups are still
+ * added one by one from 0 to D-1 into one float32 sum, the gather's order, so the same
+ * numbers. compress_pretrained's DPQ at 10x with no user text has 128 codes in 192 groups
+ * (residual share 0.2; 32 codes in 288 groups before). */
 #ifdef __AVX512F__
 static inline __mmask16 compemb_lanes(long n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
-/* Lanes idx of the 32 floats t[0..31] that lie below K (masks m_lo, m_hi for t, t + 16). */
-static inline __attribute__((always_inline)) __m512 compemb_pick32(const float *t, __m512i idx,
-                                                                    __mmask16 m_lo,
-                                                                    __mmask16 m_hi) {
-  return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(m_lo, t), idx,
-                                _mm512_maskz_loadu_ps(m_hi, t + 16));
+/* The lanes idx of a group's products held in R registers t[0..R-1] (16 floats each). */
+static inline __attribute__((always_inline)) __m512 compemb_pick(const __m512 *t, __m512i idx,
+                                                                  const int R) {
+  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
+  if (R == 1) return _mm512_permutexvar_ps(idx, t[0]);
+  __m512 v = _mm512_permutex2var_ps(t[0], idx, t[1]);
+  if (R == 2) return v;
+  v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), v,
+                           _mm512_permutex2var_ps(t[2], idx, t[3]));
+  if (R == 4) return v;
+  __m512 hi = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5),
+                                   _mm512_permutex2var_ps(t[4], idx, t[5]),
+                                   _mm512_permutex2var_ps(t[6], idx, t[7]));
+  return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit6), v, hi);
 }
+#define TILE 64 /* blocks of 16 symbols per tile: 4 KB of sums */
+#define DEFINE_SMALL_K(R)                                                                  \
+  static void compemb_small_k_r##R(const float *T, const uint8_t *codes, float *out, long V, \
+                                   long D, long K, int threads) {                          \
+    enum { P = 16 / (R) }; /* groups whose products are held at once */                    \
+    long nblk = (V + BLK - 1) / BLK, ntile = (nblk + TILE - 1) / TILE;                     \
+    __mmask16 m[R];                                                                        \
+    for (int r = 0; r < (R); r++) m[r] = compemb_lanes(K - 16 * r);                        \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1)")  \
+    for (long tile = 0; tile < ntile; tile++) {                                            \
+      float sums[TILE * BLK] __attribute__((aligned(64)));                                 \
+      long b0 = tile * TILE, b1 = b0 + TILE < nblk ? b0 + TILE : nblk;                     \
+      for (long g0 = 0; g0 < D; g0 += P) {                                                 \
+        int np = (int)(D - g0 < P ? D - g0 : P);                                           \
+        __m512 t[16];                                                                      \
+        _Pragma("GCC unroll 16")                                                           \
+        for (int i = 0; i < P * (R); i++)                                                  \
+          t[i] = i / (R) < np ? _mm512_maskz_loadu_ps(m[i % (R)], T + (g0 + i / (R)) * K + \
+                                                                     16 * (i % (R)))       \
+                              : _mm512_setzero_ps();                                       \
+        for (long b = b0; b < b1; b++) {                                                   \
+          float *s = sums + (b - b0) * BLK;                                                \
+          const uint8_t *c = codes + (b * D + g0) * BLK;                                   \
+          __m512 acc = g0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(s);                  \
+          _Pragma("GCC unroll 16")                                                         \
+          for (int p = 0; p < P; p++) {                                                    \
+            if (p >= np) break;                                                            \
+            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + p * BLK))); \
+            acc = _mm512_add_ps(acc, compemb_pick(t + p * (R), idx, (R)));                 \
+          }                                                                                \
+          _mm512_store_ps(s, acc);                                                         \
+        }                                                                                  \
+      }                                                                                    \
+      for (long b = b0; b < b1; b++) {                                                     \
+        long v0 = b * BLK, n = V - v0 < BLK ? V - v0 : BLK;                                \
+        for (long j = 0; j < n; j++) out[v0 + j] = sums[(b - b0) * BLK + j];               \
+      }                                                                                    \
+    }                                                                                      \
+  }
+DEFINE_SMALL_K(1)
+DEFINE_SMALL_K(2)
+DEFINE_SMALL_K(4)
+DEFINE_SMALL_K(8)
 static int compemb_dpq_logits_u8_small_k(const float *T, const uint8_t *codes, float *out,
                                          long V, long D, long K, int threads) {
-  if (K > 128) return 0;
-  long nblk = (V + BLK - 1) / BLK;
-  __mmask16 m[8];
-  for (int i = 0; i < 8; i++) m[i] = compemb_lanes(K - 16 * i);
-  const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
-  _Pragma("omp parallel for schedule(dynamic, 32) num_threads(threads) if(threads > 1)")
-  for (long b = 0; b < nblk; b++) {
-    const uint8_t *c = codes + b * D * BLK;
-    __m512 acc = _mm512_setzero_ps();
-    for (long g = 0; g < D; g++) {
-      const float *t = T + g * K;
-      __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + g * BLK)));
-      __m512 v;
-      if (K <= 16) {
-        v = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(m[0], t));
-      } else {
-        v = compemb_pick32(t, idx, m[0], m[1]);
-        if (K > 32)
-          v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), v,
-                                   compemb_pick32(t + 32, idx, m[2], m[3]));
-        if (K > 64) {
-          __m512 hi = compemb_pick32(t + 64, idx, m[4], m[5]);
-          if (K > 96)
-            hi = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), hi,
-                                      compemb_pick32(t + 96, idx, m[6], m[7]));
-          v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit6), v, hi);
-        }
-      }
-      acc = _mm512_add_ps(acc, v);
-    }
-    long v0 = b * BLK;
-    if (V - v0 >= BLK) {
-      _mm512_storeu_ps(out + v0, acc);
-    } else {
-      float tmp[BLK];
-      _mm512_storeu_ps(tmp, acc);
-      for (long j = 0; j < V - v0; j++) out[v0 + j] = tmp[j];
-    }
-  }
+  if (K <= 16) compemb_small_k_r1(T, codes, out, V, D, K, threads);
+  else if (K <= 32) compemb_small_k_r2(T, codes, out, V, D, K, threads);
+  else if (K <= 64) compemb_small_k_r4(T, codes, out, V, D, K, threads);
+  else if (K <= 128) compemb_small_k_r8(T, codes, out, V, D, K, threads);
+  else return 0;
   return 1;
 }
 #else
@@ -281,4 +302,4 @@ void compemb_int8_row_dots(const float *H, const int8_t *R, float *out, long N, 
   }
 }
 
-int compemb_dpq_kernel_version(void) { return 7; }
+int compemb_dpq_kernel_version(void) { return 8; }
