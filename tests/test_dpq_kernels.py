@@ -56,11 +56,13 @@ def test_native_one_token_path_adds_in_the_same_order(Kc):
 
 
 @needs_native
-@pytest.mark.parametrize("Kc", [1, 5, 16, 17, 32, 33, 50, 64, 65, 80, 96, 97, 113, 128, 129])
+@pytest.mark.parametrize("Kc", [1, 5, 16, 17, 32, 33, 50, 64, 65, 80, 96, 97, 113, 128, 129,
+                                200, 256])
 def test_native_one_token_few_codes_adds_in_the_same_order(Kc):
-    """Up to 128 codes per group, one token looks its codes up by in-register permutes
-    (AVX-512; one to four register pairs, blends on bits 5 and 6 of the code; 129 codes
-    take the gather): the same bits as the pure-PyTorch path (the same
+    """Up to 256 codes per group, one token looks its codes up by in-register permutes
+    (AVX-512; one to eight register pairs, blends on bits 5, 6 and 7 of the code; the
+    products of 16 / R groups held while tiles of 64 blocks pass; wider codes take the
+    gather): the same bits as the pure-PyTorch path (the same
     partial dot products, added in the same order) and the dense product to rounding, at
     a V that is not a multiple of 16."""
     codes, values, table = _case(2053, 19, Kc, 3)

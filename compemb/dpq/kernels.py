@@ -16,7 +16,7 @@ table) gives the same numbers (:func:`logits_from_blocked` with ``impl="torch"``
 
 For many tokens at once and few dimensions per group, building the table and one GEMM is
 cheaper than the gather-sum; :func:`logits_from_blocked` picks by a cost model. One token
-with at most 128 codes per group (``uint8`` codes, AVX-512) looks its codes up by
+with ``uint8`` codes (at most 256 codes per group; AVX-512) looks its codes up by
 in-register permutes of the partial dot products rather than gathers (the products of a
 few groups held in registers while a tile of symbols passes under them), with the same
 additions in the same order.
@@ -345,7 +345,7 @@ def _build_and_load() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    if lib.compemb_dpq_kernel_version() != 8:
+    if lib.compemb_dpq_kernel_version() != 9:
         raise RuntimeError(f"{target} is a different kernel version")
     for name in ("compemb_dpq_logits_u8", "compemb_dpq_logits_u16", "compemb_dpq_logits_i32"):
         fn = getattr(lib, name)
