@@ -198,6 +198,7 @@ DEFINE_SMALL_K(8)
 DEFINE_SMALL_K(16)
 static int compemb_dpq_logits_u8_small_k(const float *T, const uint8_t *codes, float *out,
                                          long V, long D, long K, int threads) {
+  if (D <= 0) return 0; /* no group fills a tile's sums: the general path writes zeros */
   if (K <= 16) compemb_small_k_r1(T, codes, out, V, D, K, threads);
   else if (K <= 32) compemb_small_k_r2(T, codes, out, V, D, K, threads);
   else if (K <= 64) compemb_small_k_r4(T, codes, out, V, D, K, threads);
