@@ -535,7 +535,7 @@ def plot(path: Path, png: Path) -> None:
 
 def markdown(path: Path) -> str:
     """The rows of a run as a markdown table (``bench/results/pretrained.md`` shows all of
-    them, the README the rows of today's defaults): dense, then round-to-nearest, DPQ and
+    them, the README the newest rows of each kind): dense, then round-to-nearest, DPQ and
     TT, each from the smallest ratio to the largest (rows of the same ratio in the order
     they ran)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -42,8 +42,9 @@ def test_every_path_equals_the_dense_product(V, D, Kc, s, shared, M):
 @needs_native
 @pytest.mark.parametrize("Kc", [256, 300, 40000])  # uint8, int16 and int32 codes
 def test_native_one_token_path_adds_in_the_same_order(Kc):
-    """One token takes the kernel's one-token path (a 16-lane gather per group on AVX-512);
-    it adds the groups in the same order as the paths for several tokens: equal bits."""
+    """One token takes the kernel's one-token path (on AVX-512, in-register permutes for
+    ``uint8`` codes and a 16-lane gather per group for wider ones); it adds the groups in
+    the same order as the paths for several tokens: equal bits."""
     codes, values, _ = _case(2053, 24, Kc, 2)
     blocked = K.block_codes(codes, Kc)
     hidden = torch.randn(1, 48, generator=torch.Generator().manual_seed(3))

@@ -15,9 +15,11 @@
  * Summation order per symbol: groups 0..D-1, one float32 accumulator per (symbol, token).
  * Blocks are handed out dynamically: on a shared machine a descheduled thread leaves its
  * share to the others instead of holding up the whole call.
- * One token (M == 1, a decode step at batch 1) on a CPU with AVX-512: a block's 16 codes of
- * a group are one 16-lane gather from T (same order of additions, so the same numbers;
- * 3.4 -> 2.8 ms at V=49152, D=144, K=256 on one thread of the development machine).
+ * One token (M == 1, a decode step at batch 1) on a CPU with AVX-512: uint8 codes take the
+ * in-register path further down; wider ones gather a block's 16 codes of a group from T
+ * with one 16-lane gather (same order of additions, so the same numbers;
+ * 3.4 -> 2.8 ms at V=49152, D=144, K=256 on one thread of the development machine; the
+ * in-register path since: 2.2 ms).
  * Blocks of 4 or 8 tokens keep the block's 16 x W sums in 16 vector registers (SSE /
  * AVX) instead of a stack array the compiler reloads for every code; same order of
  * additions. 8 tokens at V=49152, D=144: 17.6 -> 4.0 ms (one thread).
