@@ -111,10 +111,10 @@ def _fitted_folder(model_name: str, method: str, seed: int) -> str:
 
 def _compressed_pretrained(model_name: str, make_model: Callable, method: str, seed: int):
     """The model ``make_model()`` builds, through ``compress_pretrained`` (ratio 10, the
-    defaults for a model given no text, no head fit), saved, and loaded back as a user would: from the folder, with
-    ``AutoModelForCausalLM.from_pretrained``. The folder (:func:`_fitted_folder`) is made
-    once and reused, so that the peak-RSS process only loads it, as a user's process
-    would, and carries nothing of the fit."""
+    defaults for a model given no text, no head fit), saved, and loaded back as a user
+    would: from the folder, with ``AutoModelForCausalLM.from_pretrained``. The folder
+    (:func:`_fitted_folder`) is made once and reused, so that the peak-RSS process only
+    loads it, as a user's process would, and carries nothing of the fit."""
     import shutil
     import tempfile
 

@@ -124,8 +124,9 @@
  * every block read 512 bytes a lookup at K = 128 (its 98 KB of products do not fit in
  * L1), which made the permutes no faster than the gather. Per symbol the groups are still
  * added one by one from 0 to D-1 into one float32 sum, the gather's order, so the same
- * numbers. One thread, V = 49152: 128 codes in 192 groups (compress_pretrained's DPQ at 10x
- * with no user text) 3.1 ms by gathers -> 1.5 ms; 256 codes in 144 groups 2.8 -> 2.2 ms. */
+ * numbers. One thread, V = 49152, codes in the cache: 128 codes in 192 groups
+ * (compress_pretrained's DPQ at 10x with no user text) 3.1 ms by gathers -> 1.6 ms; 256
+ * codes in 144 groups 2.8 -> 2.0 ms (python -m bench.dpq_kernel, "back to back"). */
 #ifdef __AVX512F__
 static inline __mmask16 compemb_lanes(long n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
