@@ -19,7 +19,7 @@
  * in-register path further down; wider ones gather a block's 16 codes of a group from T
  * with one 16-lane gather (same order of additions, so the same numbers;
  * 3.4 -> 2.8 ms at V=49152, D=144, K=256 on one thread of the development machine; the
- * in-register path since: 2.2 ms).
+ * in-register path below: 2.0 ms).
  * Blocks of 4 or 8 tokens keep the block's 16 x W sums in 16 vector registers (SSE /
  * AVX) instead of a stack array the compiler reloads for every code; same order of
  * additions. 8 tokens at V=49152, D=144: 17.6 -> 4.0 ms (one thread).
