@@ -365,7 +365,7 @@ def run_causal(args) -> None:
                    "residual_share": result.plan.residual_share,
                    "token_prior": args.token_prior, "prior": result.prior,
                    "padding_row": getattr(model.config.quantization_config, "padding_row", None),
-                   "row_scale": result.plan.row_scale,
+                   "row_scale": result.plan.row_scale, "row_order": result.plan.row_order,
                    **({"row_scale_power": ROW_SCALE_POWER} if result.plan.row_scale else {}),
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
@@ -574,6 +574,8 @@ def markdown(path: Path) -> str:
                 cal += ", row scale"
                 if r.get("row_scale_power", EARLIER_ROW_SCALE_POWER) != EARLIER_ROW_SCALE_POWER:
                     cal += f" power {r['row_scale_power']:g}"
+            if r.get("row_order"):  # rows without the field had none
+                cal += ", row order"
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:

@@ -126,7 +126,8 @@ def _dense_table_shape(model_dir: str):
 def cmd_compress_ratio(args: argparse.Namespace) -> int:
     """``--ratio``: post-training compression fitted to the model (compress_pretrained)."""
     import compemb
-    from compemb.fit import default_residual_share, default_row_scale, plan_fit
+    from compemb.fit import (default_residual_share, default_row_order, default_row_scale,
+                             plan_fit)
 
     from .calibration import SAMPLE_OPENERS, can_sample, read_sources, sources_from_texts
     from .pretrained import compress_pretrained
@@ -153,10 +154,11 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
                  if args.row_scale is None else args.row_scale)
     residual_share = (default_residual_share(args.method, not args.calibration_text)
                       if args.residual_share is None else args.residual_share)
+    row_order = default_row_order(args.method) if args.row_order is None else args.row_order
     shape = _dense_table_shape(args.model_dir)
     if shape is not None:  # the planner's budget as compress_pretrained will count it
         plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
-                 transform=shape[3], logit_bias=shape[3], row_order=args.row_order,
+                 transform=shape[3], logit_bias=shape[3], row_order=row_order,
                  transform_rank=transform_rank, exact_share=args.exact_share,
                  residual_share=residual_share,
                  row_scale=shape[3] and row_scale)
@@ -186,7 +188,7 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
         openers=SAMPLE_OPENERS if args.sample_openers else (),
         sample=args.sample_tokens if can_sample(model) else 0,
         calibration_minutes=args.calibration_minutes, seed=args.seed,
-        progress=not args.quiet, row_order=args.row_order,
+        progress=not args.quiet, row_order=row_order,
         head_steps=args.head_steps, transform_rank=transform_rank,
         exact_share=args.exact_share, residual_share=residual_share,
         token_prior=args.token_prior, row_scale=row_scale)
@@ -336,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantised rows' shrinkage (default: on for dpq without "
                         "--calibration-text, off with it, where the head fit tunes the rows "
                         "to that text, and off for tt/tr)")
-    c.add_argument("--row-order", action="store_true",
-                   help="TT/TR: reorder rows so that similar ones share index prefixes")
+    c.add_argument("--row-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="TT/TR: reorder rows so that similar ones share index prefixes (a "
+                        "stored permutation, 4 bytes a row; default: on for tt/tr, where it "
+                        "lowers the fit's error by about 40%%)")
     c.add_argument("--transform-rank", default=str(DEFAULT_TRANSFORM_RANK),
                    help="each table's d x d transform is stored as a Kronecker product plus "
                         f"this rank (default {DEFAULT_TRANSFORM_RANK}); 'full': the whole "

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
-                         default_residual_share, default_row_scale, fit_head, fit_table,
-                         metric_root, plan_fit, rank_prior, shrinkage_scale, token_weights)
+                         default_residual_share, default_row_order, default_row_scale, fit_head,
+                         fit_table, metric_root, plan_fit, rank_prior, shrinkage_scale,
+                         token_weights)
 
 from .calibration import (DEFAULT_SAMPLE_TOKENS, DEFAULT_SEQ_LEN, CalibrationResult,
                           CalibrationSource, Texts,
@@ -81,7 +82,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
                         sources: Optional[Sequence[CalibrationSource]] = None,
                         calibration_minutes: Optional[float] = None,
                         calibration_steps: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN,
-                        exact_share: Optional[float] = None, row_order: bool = False,
+                        exact_share: Optional[float] = None, row_order: Optional[bool] = None,
                         prior: Optional[float] = None, cap: Optional[float] = None,
                         token_prior: Union[str, torch.Tensor] = "rank",
                         seed: int = 0, random_start: bool = True,
@@ -124,7 +125,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             :func:`compemb.fit.default_row_scale`): for DPQ when there is no user text (all
             of it sampled), since with it the head fit already tunes the rows to the
             user's domain, which the scale would cost (and TT measured no gain).
-        row_order: TT/TR: place similar rows under shared index prefixes.
+        row_order: TT/TR: place similar rows under shared index prefixes (a stored ``[V]``
+            permutation, :func:`compemb.fit.prefix_order`); ``None`` (default,
+            :func:`compemb.fit.default_row_order`): on for TT/TR, where it lowers the fit's
+            error by about 40%; ignored for DPQ.
         transform_rank: each table's ``d x d`` transform is stored as a Kronecker product
             plus this rank (:class:`compemb.fit.transform.KroneckerLowRank`), freeing its
             bytes for the codes; ``None``: the whole matrix.
@@ -165,6 +169,11 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
     v, d = int(weight.shape[0]), int(weight.shape[1])
     prior_distribution = _token_prior(token_prior, v)
     has_head = layout.output in ("tied", "untied")
+    if row_order is not None and not isinstance(row_order, bool):
+        raise ValueError(f"row_order must be True, False or None (on for tt/tr), got "
+                         f"{row_order!r}")
+    if row_order is None:
+        row_order = default_row_order(method)
     if row_scale is not None and not isinstance(row_scale, bool):
         raise ValueError(f"row_scale must be True, False or None (the default rule), got "
                          f"{row_scale!r}")

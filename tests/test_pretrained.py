@@ -264,6 +264,41 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
                                        progress=False)
 
 
+@pytest.mark.parametrize("method", ["tt", "tr"])
+def test_tt_and_tr_store_a_row_order_by_default_and_it_reloads(method, tokenizer, tmp_path):
+    """(compemb.fit.default_row_order: similar rows under shared index prefixes.)"""
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm(len(tokenizer))
+    v = lm.get_input_embeddings().weight.shape[0]
+    result = compemb_hf.compress_pretrained(lm, method, 3, tokenizer=tokenizer, texts=TEXT,
+                                            sample=0, seq_len=32, head_steps=0, progress=False)
+    table = lm.get_input_embeddings()
+    assert result.plan.row_order and lm.config.quantization_config.fit["row_order"] is True
+    order = table.row_index.long()
+    assert torch.equal(order.sort().values, torch.arange(v)) and not torch.equal(order, torch.arange(v))
+    lm.save_pretrained(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(back.get_input_embeddings().row_index, table.row_index)
+    torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
+    off = tiny_lm(len(tokenizer))
+    plain = compemb_hf.compress_pretrained(off, method, 3, tokenizer=tokenizer, texts=TEXT,
+                                           sample=0, seq_len=32, head_steps=0, row_order=False,
+                                           progress=False)
+    assert not plain.plan.row_order and off.get_input_embeddings().row_index is None
+    assert off.config.quantization_config.fit["row_order"] is False
+    # the permutation's int32 ids come out of the budget, as the report counts them
+    assert plain.plan.stored_bytes == result.plan.stored_bytes
+    assert compemb.compression_report(lm).embedding_stored_bytes <= result.plan.stored_bytes
+    dpq = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), "dpq", 3, tokenizer=tokenizer,
+                                         texts=TEXT, sample=0, seq_len=32, head_steps=0,
+                                         progress=False)
+    assert not dpq.plan.row_order  # no index prefixes to share
+    with pytest.raises(ValueError, match="row_order must be True, False or None"):
+        compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), method, 3, tokenizer=tokenizer,
+                                       texts=TEXT, sample=0, row_order=1, progress=False)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_head_fit_brings_the_head_closer_to_the_dense_one_and_can_be_turned_off(tokenizer, tied):
     import copy
@@ -607,6 +642,18 @@ def test_cli_refuses_bad_input_before_any_work(lm_dir, tmp_path, capsys, monkeyp
     assert exc.value.code == 2
     assert "--token-prior: invalid choice: 'zipf'" in capsys.readouterr().err
     assert loads == [] and not (tmp_path / "o").exists()
+
+
+def test_cli_tt_row_order_is_on_unless_turned_off(lm_dir, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text(TEXT)
+    for flag, on in ((None, True), ("--no-row-order", False)):
+        out = tmp_path / str(on)
+        assert cli(["compress", str(lm_dir), "--method", "tt", "--ratio", "3",
+                    "--calibration-text", str(tmp_path / "text.txt"), "--head-steps", "0",
+                    "--out", str(out)] + ([flag] if flag else [])) == 0
+        planned = "row order" in capsys.readouterr().out  # the planner's line
+        fit = json.loads((out / "config.json").read_text())["quantization_config"]["fit"]
+        assert planned == on and fit["row_order"] is on
 
 
 def test_cli_interrupted_run_leaves_no_out_folder(lm_dir, tmp_path, monkeypatch):

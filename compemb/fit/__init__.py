@@ -10,7 +10,8 @@ from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import ROW_SCALE_POWER, FittedEmbedding, shrinkage_scale
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
                    DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan,
-                   default_exact_share, default_residual_share, default_row_scale, plan_fit)
+                   default_exact_share, default_residual_share, default_row_order,
+                   default_row_scale, plan_fit)
 from .residual import ResidualRows, allocate_bits
 from .stats import (DEFAULT_CAP, DEFAULT_PRIOR, SAMPLED_PRIOR, SAMPLED_UNIFORM_PRIOR, SecondMoment,
                     check_prior, count_tokens, default_prior, metric_root, rank_prior,
@@ -24,4 +25,4 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
            "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior",
            "SAMPLED_UNIFORM_PRIOR", "default_prior", "shrinkage_scale", "ROW_SCALE_POWER",
-           "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE"]
+           "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE", "default_row_order"]
