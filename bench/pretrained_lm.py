@@ -434,6 +434,7 @@ def run_minilm(args) -> None:
                "residual_share": result.plan.residual_share,
                "token_prior": args.token_prior, "prior": result.prior,
                "padding_row": getattr(model.config.quantization_config, "padding_row", None),
+               "row_order": result.plan.row_order,
                "plan": result.plan.describe(), "bytes": report.embedding_stored_bytes,
                "ratio": table_bytes / report.embedding_stored_bytes,
                "seconds": {**result.seconds, "total": time.monotonic() - t},
