@@ -118,10 +118,10 @@ def default_row_order(method: str) -> bool:
     10x (rank 32 with it, 34 without; 85% of the bytes residual rows), PTB + sampled text:
     the fit's weighted error in the head's metric 0.0163 -> 0.0095 (median row 0.197 ->
     0.179 relative); perplexity on PTB / Python / legal with the head fit and 10 minutes'
-    distillation +2.9 / +15.7 / +13.7% and +2.5 / +15.1 / +16.0% (seeds 0, 1) against
-    +5.4 / +26.3 / +32.3% and +4.4 / +25.9 / +34.8% without it; sampled text only, the
-    head fit, +10.8 / +15.2 / +16.8% and +11.4 / +16.4 / +19.9% against +20.8 / +23.4 /
-    +28.6%."""
+    distillation (``bench.pretrained_lm`` rows) +2.2 / +14.7 / +13.7% and +2.5 / +15.1 /
+    +16.0% (seeds 0, 1) against +5.4 / +26.3 / +32.3% and +4.4 / +25.9 / +34.8% without
+    it; sampled text only, the head fit, +10.8 / +15.2 / +16.8% and +11.4 / +16.4 /
+    +19.9% against +20.8 / +23.4 / +28.6%."""
     return method in ("tt", "tr")
 
 
