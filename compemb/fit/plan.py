@@ -76,8 +76,9 @@ DPQ_SAMPLED_RESIDUAL_SHARE = 0.2
 #: residual share 0.3 (rank 84) +31.5 / +647 / +638%; 0.6 (rank 62) +14.8 / +115 / +159%;
 #: 0.85 (rank 34) +7.7 / +44 / +52%. With the row order (:func:`default_row_order`), the
 #: fit's weighted error in the head's metric (PTB + sampled, seed 0): 0.6 (rank 61) 0.0222,
-#: 0.75 (rank 45) 0.0137, 0.85 (rank 32) 0.0095, 0.9 (rank 22) 0.0083; not yet measured in
-#: perplexity above 0.85.
+#: 0.75 (rank 45) 0.0137, 0.85 (rank 32) 0.0095, 0.9 (rank 22) 0.0083; in perplexity, 0.9
+#: with no text (sampled only, head fit, seed 0, a one-off run) +9.6 / +13.3 / +14.2%
+#: against 0.85's +10.8 / +15.2 / +16.8%: a candidate, not yet run with more seeds.
 TT_RESIDUAL_SHARE = 0.85
 
 
