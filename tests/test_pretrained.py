@@ -287,7 +287,8 @@ def test_tt_and_tr_store_a_row_order_by_default_and_it_reloads(method, tokenizer
                                            progress=False)
     assert not plain.plan.row_order and off.get_input_embeddings().row_index is None
     assert off.config.quantization_config.fit["row_order"] is False
-    # the permutation's int32 ids come out of the budget, as the report counts them
+    # both plans fill the same budget, and the permutation's int32 ids (which the report
+    # counts with the table's buffers) fit inside it
     assert plain.plan.stored_bytes == result.plan.stored_bytes
     assert compemb.compression_report(lm).embedding_stored_bytes <= result.plan.stored_bytes
     dpq = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer)), "dpq", 3, tokenizer=tokenizer,
