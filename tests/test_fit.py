@@ -282,13 +282,12 @@ def test_plan_fit_reaches_the_ratio_with_the_bytes_it_counts(method, ratio):
     share = plan.residual_bytes / plan.stored_bytes
     assert share >= default_residual_share(method)  # its share, and what the base leaves
     assert plan.residual_share == default_residual_share(method)
-    if method == "dpq":  # no user text: a larger share
-        sampled = plan_fit(49152, 576, method, ratio, transform_rank=32,
-                           residual_share=default_residual_share(method, only_sampled=True))
-        assert sampled.residual_share == 0.2 and sampled.residual_bytes >= plan.residual_bytes
-        assert ratio <= sampled.ratio < ratio * 1.05
-    else:
-        assert default_residual_share(method, only_sampled=True) == default_residual_share(method)
+    # no user text: a larger share (compemb.fit.DPQ_ / TT_SAMPLED_RESIDUAL_SHARE)
+    sampled = plan_fit(49152, 576, method, ratio, transform_rank=32,
+                       residual_share=default_residual_share(method, only_sampled=True))
+    assert sampled.residual_share == {"dpq": 0.2, "tt": 0.9, "tr": 0.9}[method]
+    assert sampled.residual_bytes >= plan.residual_bytes
+    assert ratio <= sampled.ratio < ratio * 1.05
     no_residual = plan_fit(49152, 576, method, ratio, transform_rank=32, residual_share=0,
                            exact_share=0.1)
     assert no_residual.num_exact > 0 and no_residual.residual_bytes == 0

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 import compemb  # noqa: E402
 import compemb_hf  # noqa: E402
 from compemb.fit import (DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE,  # noqa: E402
+                         TT_SAMPLED_RESIDUAL_SHARE,
                          FittedEmbedding, KroneckerLowRank, rank_prior, token_weights)
 from compemb.fit.residual import residual_row_bytes  # noqa: E402
 from compemb_hf.calibration import read_sources, sample_tokens, sources_from_texts  # noqa: E402
@@ -257,7 +258,11 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
                                         tokenizer=tokenizer, sample=64, seq_len=32,
                                         head_steps=0, progress=False)
     assert not tt.plan.row_scale  # TT: measured no gain
-    assert tt.plan.residual_share == TT_RESIDUAL_SHARE
+    assert tt.plan.residual_share == TT_SAMPLED_RESIDUAL_SHARE > TT_RESIDUAL_SHARE  # no text
+    tt_text = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "tt", 3,
+                                             tokenizer=tokenizer, texts=TEXT, sample=0,
+                                             seq_len=32, head_steps=0, progress=False)
+    assert tt_text.plan.residual_share == TT_RESIDUAL_SHARE  # user text
     with pytest.raises(ValueError, match="row_scale must be True, False or None"):
         compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "dpq", 3,
                                        tokenizer=tokenizer, sample=64, row_scale="yes",

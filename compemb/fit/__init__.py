@@ -10,6 +10,7 @@ from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import ROW_SCALE_POWER, FittedEmbedding, shrinkage_scale
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
                    DPQ_RESIDUAL_SHARE, DPQ_SAMPLED_RESIDUAL_SHARE, TT_RESIDUAL_SHARE, FitPlan,
+                   TT_SAMPLED_RESIDUAL_SHARE,
                    default_exact_share, default_residual_share, default_row_order,
                    default_row_scale, plan_fit)
 from .residual import ResidualRows, allocate_bits
@@ -25,4 +26,5 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "DEFAULT_CAP", "DPQ_RESIDUAL_SHARE", "default_residual_share", "ResidualRows",
            "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior",
            "SAMPLED_UNIFORM_PRIOR", "default_prior", "shrinkage_scale", "ROW_SCALE_POWER",
-           "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE", "default_row_order"]
+           "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE", "default_row_order",
+           "TT_SAMPLED_RESIDUAL_SHARE"]
