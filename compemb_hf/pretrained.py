@@ -246,9 +246,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             eye = torch.eye(d, dtype=torch.float64)
             metric = (eye, eye)
         layer = fit_table(table.detach(), fit_plan.spec, token_weights=tw, metric=metric,
-                          # DPQ: a random rotation evens out the groups (stored in the
-                          # transform, so only where there is one)
-                          rotate=fit_plan.transform and method == "dpq",
+                          # a random rotation (DPQ's groups, every method's residual
+                          # rows: compemb.fit.fit_table) is stored in the transform, so
+                          # only where the plan pays for one
+                          rotate=None if fit_plan.transform else False,
                           num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
                           transform_rank=fit_plan.transform_rank,
                           padding_idx=padding_idx, seed=seed,

@@ -8,6 +8,7 @@ from compemb.dpq.math import kmeans
 from compemb.fit import default_residual_share
 from compemb.fit.residual import residual_row_bytes
 from compemb.fit import (DEFAULT_PRIOR, SAMPLED_PRIOR, FittedEmbedding, SecondMoment, count_tokens,
+                         default_rotation,
                          fit_codebook, fit_table, metric_root, plan_fit, prefix_order, rank_prior,
                          token_weights, weighted_error)
 from compemb.tt import TTEmbedding
@@ -258,6 +259,35 @@ def test_tt_weighted_steps_lower_the_weighted_error_and_row_order_is_a_permutati
                           tt_steps=0)
     assert (weighted_error(ordered.materialize().detach(), shuffled, None)
             < 0.75 * weighted_error(unordered.materialize().detach(), shuffled, None))
+
+
+def test_tt_residual_rows_are_rounded_in_a_rotated_space_by_default():
+    # rows whose dimensions differ 10x in spread, with heavy tails: one scale per residual
+    # row serves them badly until a rotation evens the dimensions out
+    g = torch.Generator().manual_seed(6)
+    spread = torch.logspace(0, -1, 16)
+    u = torch.rand(512, 16, generator=g) - 0.5
+    w = -u.sign() * torch.log1p(-2 * u.abs()) * spread  # Laplace
+    eye = torch.eye(16, dtype=torch.float64)
+    spec = EmbeddingSpec("tt", {"rank": 2, "shape": [[8, 8, 8], [2, 2, 4]]})
+    budget = 512 * residual_row_bytes(16, 3)
+    assert default_rotation("tt", budget, has_metric=True)
+    assert not default_rotation("tt", 0, has_metric=True)  # nothing to round
+    assert not default_rotation("tt", budget, has_metric=False)  # no transform to hold it
+    assert default_rotation("dpq", 0, has_metric=False)
+    rotated = fit_table(w, spec, metric=(eye, eye), residual_bytes=budget, tt_steps=0)
+    plain = fit_table(w, spec, metric=(eye, eye), residual_bytes=budget, tt_steps=0, rotate=False)
+    t = rotated.transform.detach().double()
+    assert not torch.allclose(t, eye, atol=1e-3)  # the rotation is stored in the transform
+    torch.testing.assert_close(t @ t.T, eye, atol=1e-4, rtol=0)  # and is one
+    assert torch.allclose(plain.transform.detach().double(), eye)
+    e_rot = weighted_error(rotated.materialize().detach(), w, None)
+    e_plain = weighted_error(plain.materialize().detach(), w, None)
+    assert e_rot < 0.8 * e_plain
+    # the rows come out in the table's space either way: logits and lookups agree
+    h = torch.randn(3, 16, generator=g)
+    torch.testing.assert_close(rotated.logits(h), h @ rotated.materialize().T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rotated(torch.tensor([0, 511])), rotated.materialize()[[0, 511]])
 
 
 def test_fit_codebook_gives_every_row_its_nearest_centroids():

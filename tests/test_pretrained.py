@@ -286,6 +286,11 @@ def test_tt_and_tr_store_a_row_order_by_default_and_it_reloads(method, tokenizer
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(back.get_input_embeddings().row_index, table.row_index)
     torch.testing.assert_close(_logits(back, tokenizer), _logits(lm, tokenizer))
+    # the residual rows are rounded in a rotated space (compemb.fit.default_rotation): the
+    # transform back is Q^T A^-1, where the metric's root A^-1 alone would be symmetric
+    t = table.transform
+    t = (t.matrix() if hasattr(t, "matrix") else t).detach().double()
+    assert result.plan.residual_bytes > 0 and not torch.allclose(t, t.T, atol=1e-3)
     off = tiny_lm(len(tokenizer))
     plain = compemb_hf.compress_pretrained(off, method, 3, tokenizer=tokenizer, texts=TEXT,
                                            sample=0, seq_len=32, head_steps=0, row_order=False,

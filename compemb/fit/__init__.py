@@ -5,7 +5,8 @@ most) and the planner.
 torch only; ``compemb_hf`` (and any other integration) collects the statistics from its
 model and text, then calls :func:`fit_table` with the settings of :func:`plan_fit`.
 """
-from .fit import fit_codebook, fit_table, fit_tensor_network, prefix_order, random_rotation, weighted_error
+from .fit import (default_rotation, fit_codebook, fit_table, fit_tensor_network, prefix_order,
+                  random_rotation, weighted_error)
 from .head import HeadFit, fit_head, head_kl, relative_adam
 from .layer import ROW_SCALE_POWER, FittedEmbedding, shrinkage_scale
 from .plan import (DEFAULT_EXACT_SHARE, DEFAULT_TRANSFORM_RANK, DPQ_EXACT_SHARE,
@@ -27,4 +28,4 @@ __all__ = ["FittedEmbedding", "HeadFit", "fit_head", "head_kl", "relative_adam",
            "allocate_bits", "TT_RESIDUAL_SHARE", "rank_prior", "SAMPLED_PRIOR", "check_prior",
            "SAMPLED_UNIFORM_PRIOR", "default_prior", "shrinkage_scale", "ROW_SCALE_POWER",
            "default_row_scale", "DPQ_SAMPLED_RESIDUAL_SHARE", "default_row_order",
-           "TT_SAMPLED_RESIDUAL_SHARE"]
+           "TT_SAMPLED_RESIDUAL_SHARE", "default_rotation"]
