@@ -126,10 +126,11 @@ def _dense_table_shape(model_dir: str):
 def cmd_compress_ratio(args: argparse.Namespace) -> int:
     """``--ratio``: post-training compression fitted to the model (compress_pretrained)."""
     import compemb
-    from compemb.fit import default_residual_share, default_row_order, default_row_scale
+    from compemb.fit import (default_residual_share, default_row_order, default_row_scale,
+                             plan_fit)
 
     from .calibration import SAMPLE_OPENERS, can_sample, read_sources, sources_from_texts
-    from .pretrained import compress_pretrained, plan_tables
+    from .pretrained import compress_pretrained
 
     if args.method not in ("dpq", "tt", "tr"):
         raise ValueError(f"--ratio needs --method dpq, tt or tr, got {args.method!r}")
@@ -156,10 +157,11 @@ def cmd_compress_ratio(args: argparse.Namespace) -> int:
     row_order = default_row_order(args.method) if args.row_order is None else args.row_order
     shape = _dense_table_shape(args.model_dir)
     if shape is not None:  # the planner's budget as compress_pretrained will count it
-        plan_tables(shape[0], shape[1], args.method, args.ratio, has_head=shape[3],
-                    element_size=shape[2], row_order=row_order, exact_share=args.exact_share,
-                    transform_rank=transform_rank, residual_share=residual_share,
-                    row_scale=row_scale)
+        plan_fit(shape[0], shape[1], args.method, args.ratio, element_size=shape[2],
+                 transform=shape[3], logit_bias=shape[3], row_order=row_order,
+                 transform_rank=transform_rank, exact_share=args.exact_share,
+                 residual_share=residual_share,
+                 row_scale=shape[3] and row_scale)
     sources = tokenizer = None
     if texts is not None:
         from transformers import AutoTokenizer

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, FitPlan, HeadFit, check_prior, default_prior,
-                         default_residual_share, default_rotation, default_row_order,
-                         default_row_scale, fit_head,
+                         default_residual_share, default_row_order, default_row_scale, fit_head,
                          fit_table, metric_root, plan_fit, rank_prior, shrinkage_scale,
                          token_weights)
 
@@ -40,7 +39,7 @@ from .config import CompressedEmbeddingConfig
 from .surgery import apply_surgery, is_compressed, plan_surgery
 
 __all__ = ["compress_pretrained", "PretrainedCompression", "IDENTITY_WEIGHT", "HEAD_STEPS",
-           "TOKEN_PRIORS", "plan_tables"]
+           "TOKEN_PRIORS"]
 
 #: The token priors ``compress_pretrained(token_prior=...)`` takes by name (or a ``[V]``
 #: tensor); the first is the default.
@@ -76,27 +75,6 @@ class PretrainedCompression:
     calibration: Optional[CalibrationResult] = None
     prior: Optional[float] = None
     token_weights: Optional[torch.Tensor] = None
-
-
-def plan_tables(v: int, d: int, method: str, ratio: float, *, has_head: bool,
-                element_size: int, row_order: bool, exact_share: Optional[float],
-                transform_rank: Optional[int], residual_share: float,
-                row_scale: bool) -> FitPlan:
-    """:func:`compemb.fit.plan_fit` for a model's ``[v, d]`` vocabulary tables as
-    :func:`compress_pretrained` fits them (the command line checks a budget with it before
-    loading the model): a model with a head gets a transform (its metric, rotated) and a
-    logit bias. A model without one (an encoder) has no head metric, so no transform to
-    hold the random rotation that DPQ's groups and residual rows want
-    (:func:`compemb.fit.default_rotation`): it gets a rotation alone, two Kronecker factors
-    (transform rank 0, ``a*a + b*b`` numbers for ``d = a*b``)."""
-    rotation_only = (not has_head and transform_rank is not None
-                     and default_rotation(method, int(isinstance(residual_share, (int, float))
-                                                      and residual_share > 0), has_metric=True))
-    return plan_fit(v, d, method, ratio, element_size=element_size,
-                    transform=has_head or rotation_only, row_order=row_order,
-                    logit_bias=has_head, exact_share=exact_share,
-                    transform_rank=0 if rotation_only else transform_rank,
-                    residual_share=residual_share, row_scale=has_head and row_scale)
 
 
 def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenizer: Any = None,
@@ -204,10 +182,10 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
         row_scale = default_row_scale(only_sampled, method)
     if residual_share is None:
         residual_share = default_residual_share(method, only_sampled)
-    fit_plan = plan_tables(v, d, method, ratio, has_head=has_head,
-                           element_size=weight.element_size(), row_order=row_order,
-                           exact_share=exact_share, transform_rank=transform_rank,
-                           residual_share=residual_share, row_scale=row_scale)
+    fit_plan = plan_fit(v, d, method, ratio, element_size=weight.element_size(),
+                        transform=has_head, row_order=row_order, logit_bias=has_head,
+                        exact_share=exact_share, transform_rank=transform_rank,
+                        residual_share=residual_share, row_scale=has_head and row_scale)
     if sample is None:
         sample = DEFAULT_SAMPLE_TOKENS if can_sample(model) else 0
     sources = list(sources or [])
