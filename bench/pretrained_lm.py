@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from compemb.fit import (DEFAULT_TRANSFORM_RANK, ROW_SCALE_POWER,  # noqa: E402
-                          default_exact_share)
+                          default_exact_share, default_rotation)
 
 #: The exact share of rows that ran before the field was recorded (the default then).
 EARLIER_EXACT_SHARE = 0.1
@@ -367,6 +367,9 @@ def run_causal(args) -> None:
                    "padding_row": getattr(model.config.quantization_config, "padding_row", None),
                    "row_scale": result.plan.row_scale, "row_order": result.plan.row_order,
                    **({"row_scale_power": ROW_SCALE_POWER} if result.plan.row_scale else {}),
+                   # TT/TR fitted in a rotated space (DPQ always is): compemb.fit.default_rotation
+                   "rotated": result.plan.transform and default_rotation(
+                       method, result.plan.residual_bytes, True),
                    "plan": result.plan.describe(),
                    "bytes": report.embedding_stored_bytes,
                    "ratio": table_bytes / report.embedding_stored_bytes,
@@ -577,6 +580,8 @@ def markdown(path: Path) -> str:
                     cal += f" power {r['row_scale_power']:g}"
             if r.get("row_order"):  # rows without the field had none
                 cal += ", row order"
+            if r.get("rotated") and r["method"] != "dpq":  # rows without the field: TT
+                cal += ", rotated"  # unrotated (DPQ always was)
             if r.get("seed"):
                 cal += f", seed {r['seed']}"
         else:
