@@ -86,12 +86,13 @@ DPQ_SAMPLED_RESIDUAL_SHARE = 0.2
 TT_RESIDUAL_SHARE = 0.85
 #: The same for TT and TR when all the calibration text is sampled from the model (no user
 #: text; the token weights are then the rank prior alone). SmolLM2 at 10x with the row
-#: order and the head fit (one-off runs, ``runs/exp/probe3.py``), perplexity on PTB /
-#: Python / legal against dense: 0.9 (rank 22)
-#: +9.6 / +13.3 / +14.2% and +11.0 / +13.9 / +15.8% (seeds 0, 1) against 0.85's (rank 32)
-#: +10.8 / +15.2 / +16.8% and +11.4 / +16.4 / +19.9%: better on every corpus in both
-#: seeds; 0.95 (rank 3: the cores all but gone) +24.4 / +25.7 / +33.0% (seed 0): the
-#: cores still carry what the residual rows' bits cannot.
+#: order and the head fit (one-off runs, ``runs/exp/probe3.py``; before the rotated fit,
+#: :func:`compemb.fit.default_rotation`, and not re-tuned since), perplexity on PTB /
+#: Python / legal against dense: 0.9 (rank 22) +9.6 / +13.3 / +14.2% and +11.0 / +13.9 /
+#: +15.8% (seeds 0, 1) against 0.85's (rank 32) +10.8 / +15.2 / +16.8% and +11.4 / +16.4 /
+#: +19.9%: better on every corpus in both seeds; 0.95 (rank 3: the cores all but gone)
+#: +24.4 / +25.7 / +33.0% (seed 0): the cores still carry what the residual rows' bits
+#: cannot.
 TT_SAMPLED_RESIDUAL_SHARE = 0.9
 
 
