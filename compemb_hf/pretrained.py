@@ -247,8 +247,8 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             metric = (eye, eye)
         layer = fit_table(table.detach(), fit_plan.spec, token_weights=tw, metric=metric,
                           # a random rotation (DPQ's groups, every method's residual
-                          # rows: compemb.fit.fit_table) is stored in the transform, so
-                          # only where the plan pays for one
+                          # rows: compemb.fit.default_rotation) is stored in the
+                          # transform, so only where the plan pays for one
                           rotate=None if fit_plan.transform else False,
                           num_exact=fit_plan.num_exact, row_order=fit_plan.row_order,
                           transform_rank=fit_plan.transform_rank,

@@ -3,8 +3,9 @@
 :func:`fit_table` is the entry point: ``W [V, d]`` -> :class:`FittedEmbedding` of any
 registered method. The table is mapped into the metric (``X = W @ A``, see
 :func:`compemb.fit.stats.metric_root`), optionally rotated (PQ: evens out the groups, as
-OPQ does; residual rows: evens out the dimensions that one scale per row serves), the ``N`` rows with the largest token weights are kept exactly, and the rest is
-fitted with per-row weights:
+OPQ does; residual rows: evens out the dimensions that one scale per row serves, see
+:func:`default_rotation`), the ``N`` rows with the largest token weights are kept exactly,
+and the rest is fitted with per-row weights:
 
 * ``"dpq"``: product quantisation by weighted k-means per group, stored directly in the
   inference form (:class:`compemb.dpq.CodebookEmbedding`: packed codes and values);
