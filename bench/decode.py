@@ -17,7 +17,8 @@ with ``compemb_hf.compress`` (input table and tied head):
   model given no text (DPQ: the planner's codes, 128 in groups of 3 dimensions at SmolLM's
   size since residual rows took 0.2 of the bytes, plus residual rows, a
   Kronecker-plus-low-rank transform, a logit bias and a row scale; TT: a small-rank TT,
-  the planner's choice, plus residual rows), fitted to 16 windows of random tokens with no
+  the planner's choice, plus residual rows, with the stored row order, fitted in a
+  rotated space), fitted to 16 windows of random tokens with no
   head fit (the structure, not the fit, sets the speed), saved with ``save_pretrained``
   and loaded back with ``AutoModelForCausalLM.from_pretrained`` after ``import compemb_hf``.
 
