@@ -327,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--residual-share", type=float, default=None,
                    help="share of the bytes for residual rows: the rows that cost most get "
                         "the base's residual at 2-8 bits per dimension (default: 0.05 for "
-                        "dpq, 0.2 without --calibration-text; 0.85 for tt/tr, 0.9 without "
-                        "--calibration-text)")
+                        "dpq, 0.2 without --calibration-text; 0.93 for tt/tr)")
     c.add_argument("--token-prior", choices=TOKEN_PRIORS, default=TOKEN_PRIORS[0],
                    help="what the calibration text's token counts are blended with, so that "
                         "tokens it lacks keep a usable row: 'rank' (default) assumes lower "

@@ -116,7 +116,7 @@ def compress_pretrained(model: nn.Module, method: str, ratio: float, *, tokenize
             most get the base's residual at 2-8 bits per dimension
             (:class:`compemb.fit.residual.ResidualRows`; default
             :func:`compemb.fit.default_residual_share`: 0.05 for DPQ, 0.2 when there is no
-            user text (all of it sampled), 0.85 for TT/TR, 0.9 with no user text).
+            user text (all of it sampled), 0.93 for TT/TR).
         row_scale: the table that serves as the head stores a per-token row factor at 8
             bits (``V + 8`` bytes, taken from the budget), set after the head fit from the
             rows' shrinkage (:func:`compemb.fit.shrinkage_scale`): a quantised row is

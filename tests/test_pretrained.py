@@ -258,7 +258,7 @@ def test_the_head_table_gets_a_row_scale_from_its_shrinkage_unless_asked(tokeniz
                                         tokenizer=tokenizer, sample=64, seq_len=32,
                                         head_steps=0, progress=False)
     assert not tt.plan.row_scale  # TT: measured no gain
-    assert tt.plan.residual_share == TT_SAMPLED_RESIDUAL_SHARE > TT_RESIDUAL_SHARE  # no text
+    assert tt.plan.residual_share == TT_SAMPLED_RESIDUAL_SHARE == 0.93  # no text
     tt_text = compemb_hf.compress_pretrained(tiny_lm(len(tokenizer), tied=tied), "tt", 3,
                                              tokenizer=tokenizer, texts=TEXT, sample=0,
                                              seq_len=32, head_steps=0, progress=False)
