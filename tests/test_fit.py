@@ -312,7 +312,7 @@ def test_plan_fit_reaches_the_ratio_with_the_bytes_it_counts(method, ratio):
     share = plan.residual_bytes / plan.stored_bytes
     assert share >= default_residual_share(method)  # its share, and what the base leaves
     assert plan.residual_share == default_residual_share(method)
-    # no user text: a larger share (compemb.fit.DPQ_ / TT_SAMPLED_RESIDUAL_SHARE)
+    # no user text: DPQ takes a larger share, TT/TR the same (compemb.fit.*_SAMPLED_RESIDUAL_SHARE)
     sampled = plan_fit(49152, 576, method, ratio, transform_rank=32,
                        residual_share=default_residual_share(method, only_sampled=True))
     assert sampled.residual_share == {"dpq": 0.2, "tt": 0.93, "tr": 0.93}[method]
