@@ -185,7 +185,7 @@ def fit_table(weight: Tensor, spec: EmbeddingSpec, *, token_weights: Optional[Te
         metric: ``(A, A_inv)`` from :func:`compemb.fit.stats.metric_root`; ``None``: plain L2.
         rotate: follow ``A`` by a random rotation (default: for ``"dpq"``, where it
             spreads the variance evenly over the groups, and for any method with
-            ``residual_bytes`` and a ``metric`` (:func:`default_rotation`).
+            ``residual_bytes`` and a ``metric``: :func:`default_rotation`).
         num_exact: rows kept exactly: the ``num_exact`` largest ``token_weights`` (ties
             to the lower id); they get weight 0 in the fit.
         row_order: TT/TR only: reorder rows by :func:`prefix_order`.
